@@ -1,0 +1,32 @@
+// mmkernels._C: the compiled CUDA kernels. Python reaches them through mmkernels/ops/<op>/cuda.py only.
+#include <torch/extension.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#ifndef MMKERNELS_CUDA_ARCHS
+#define MMKERNELS_CUDA_ARCHS "unknown"
+#endif
+
+namespace mmk {
+std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps);
+std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                     const std::optional<at::Tensor>& weight, const at::Tensor& rstd);
+at::Tensor rope3d(const at::Tensor& x, const at::Tensor& inv_freq, std::vector<int64_t> grid,
+                  std::vector<int64_t> split, std::vector<int64_t> offsets, bool inverse);
+}  // namespace mmk
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "mmkernels CUDA kernels (see mmkernels/ops/*/cuda.py for the Python side)";
+  m.def("cuda_archs", [] { return std::string(MMKERNELS_CUDA_ARCHS); },
+        "The TORCH_CUDA_ARCH_LIST this extension was compiled for, e.g. '8.0;9.0a'.");
+  m.def("compiled_ops", [] { return std::vector<std::string>{"rms_norm", "rope3d"}; },
+        "Names of the ops whose CUDA kernels are compiled into this extension.");
+  m.def("rms_norm_fwd", &mmk::rms_norm_fwd, "RMSNorm forward over the last dim of a 2-D [M, N] view.",
+        py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def("rms_norm_bwd", &mmk::rms_norm_bwd, "RMSNorm backward: (dx, dw partial sums [P, N] fp32 or empty).",
+        py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("rstd"));
+  m.def("rope3d", &mmk::rope3d, "3D rotate-half RoPE of x [B, L, H, D] (inverse=True rotates by -theta).",
+        py::arg("x"), py::arg("inv_freq"), py::arg("grid"), py::arg("split"), py::arg("offsets"), py::arg("inverse"));
+}

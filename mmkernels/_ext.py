@@ -1,0 +1,51 @@
+"""Loading of the compiled extension ``mmkernels._C`` and what it was built for.
+
+``C`` is the module, or None when it was not built (no nvcc or CPU-only torch at install time, or
+MMKERNELS_BUILD_CUDA=0); ``C_ERROR`` then says why the import failed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+try:
+    from mmkernels import _C as C  # type: ignore[attr-defined]
+
+    C_ERROR: Optional[str] = None
+except ImportError as e:  # not built, or built against another torch
+    C = None
+    C_ERROR = str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def compiled_archs() -> list[str]:
+    """The archs in TORCH_CUDA_ARCH_LIST at build time, e.g. ['8.0', '9.0a']; [] when _C is not built."""
+    if C is None:
+        return []
+    return [a.strip() for a in C.cuda_archs().replace(",", ";").replace(" ", ";").split(";") if a.strip()]
+
+
+def _arch_number(arch: str) -> tuple[int, int]:
+    major, _, minor = arch.replace("+PTX", "").partition(".")
+    return int(major), int(minor.rstrip("af") or 0)
+
+
+def arch_supported(device) -> Optional[str]:
+    """None when _C has code that runs on ``device``, else the reason.
+
+    A cubin for sm_XY runs on sm_XZ with Z >= Y; arch-specific code (sm_90a) only on that exact arch; PTX
+    (``+PTX``) on any newer device.
+    """
+    import torch
+
+    cap = torch.cuda.get_device_capability(device)
+    archs = compiled_archs()
+    for a in archs:
+        major, minor = _arch_number(a)
+        if (major, minor) == cap:
+            return None
+        if major == cap[0] and minor <= cap[1] and not a.replace("+PTX", "").endswith(("a", "f")):
+            return None
+        if a.endswith("+PTX") and (major, minor) <= cap:
+            return None
+    name = torch.cuda.get_device_name(device)
+    return f"mmkernels._C was built for {';'.join(archs)}, not for {name} (sm_{cap[0]}{cap[1]}); rebuild with TORCH_CUDA_ARCH_LIST"
