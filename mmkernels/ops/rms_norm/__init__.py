@@ -47,7 +47,7 @@ def _rms_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
 
 @_rms_norm_fwd.register_fake
 def _(x, weight, eps, backend):
-    return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=reference.compute_dtype(x))
 
 
 @torch.library.custom_op("mmkernels::rms_norm_bwd", mutates_args=())

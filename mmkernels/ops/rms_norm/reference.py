@@ -10,7 +10,7 @@ The two roundings are apex ``FusedRMSNorm``'s, which LaVin-DiT uses (specs/lavin
 value is rounded to bf16 before the weight multiply. In fp32 both roundings are no-ops.
 
 Layouts: ``x`` is [..., N] (any strides), ``weight`` is [N] or None. ``y`` has x's shape and dtype (contiguous);
-``rstd`` is fp32 [...] (x's shape without the last dim).
+``rstd`` is fp32 [...] (x's shape without the last dim). (fp64 inputs compute, and return rstd, in fp64.)
 
 Backward (the backend contract; computed in fp32, with x̂ = x·rstd and g = dy·w)::
 
@@ -25,6 +25,11 @@ from typing import Optional
 import torch
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for fp16/bf16/fp32 inputs; fp64 inputs stay fp64 (so fp64 autograd can serve as ground truth)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: float = 1e-6) -> torch.Tensor:
     """Differentiable reference (autograd through plain torch ops). See the module docstring."""
     return forward(x, weight, eps)[0]
@@ -32,7 +37,7 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: float 
 
 def forward(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, rstd) per the module docstring. Differentiable in x and weight."""
-    xf = x.float()
+    xf = x.to(compute_dtype(x))
     rstd = torch.rsqrt(xf.square().mean(dim=-1) + eps) if x.shape[-1] > 0 else xf.new_ones(x.shape[:-1])
     y = (xf * rstd.unsqueeze(-1)).to(x.dtype)
     if weight is not None:
@@ -43,14 +48,15 @@ def forward(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> tupl
 def backward(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
              rstd: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(dx, dw) in closed form, per the module docstring. dw is None when weight is None."""
-    xhat = x.float() * rstd.unsqueeze(-1)
-    g = dy.float()
+    cd = compute_dtype(x)
+    xhat = x.to(cd) * rstd.unsqueeze(-1).to(cd)
+    g = dy.to(cd)
     if weight is not None:
-        g = g * weight.to(x.dtype).float()
+        g = g * weight.to(x.dtype).to(cd)
     n = x.shape[-1]
     dot = (g * xhat).sum(dim=-1, keepdim=True) / max(n, 1)
-    dx = (rstd.unsqueeze(-1) * (g - xhat * dot)).to(x.dtype)
+    dx = (rstd.unsqueeze(-1).to(cd) * (g - xhat * dot)).to(x.dtype)
     dw = None
     if weight is not None:
-        dw = (dy.float() * xhat).reshape(-1, n).sum(dim=0).to(weight.dtype)
+        dw = (dy.to(cd) * xhat).reshape(-1, n).sum(dim=0).to(weight.dtype)
     return dx.contiguous(), dw

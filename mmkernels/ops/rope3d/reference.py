@@ -85,14 +85,14 @@ def rope3d(x: torch.Tensor, grid: Triple, split: Triple, base: float = 10000.0, 
            inverse: bool = False) -> torch.Tensor:
     """Differentiable reference, per the module docstring (fp32 math, one rounding)."""
     thetas = angles(grid, split, base, offsets, x.device)
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp64 stays fp64 (ground truth for tests)
     pieces = []
     for chunk, theta in zip(xf.split(list(split), dim=-1), thetas):
         if chunk.shape[-1] == 0:
             continue
         half = chunk.shape[-1] // 2
-        cos = theta.cos()[None, :, None, :]
-        sin = theta.sin()[None, :, None, :]
+        cos = theta.cos().to(xf.dtype)[None, :, None, :]
+        sin = theta.sin().to(xf.dtype)[None, :, None, :]
         if inverse:
             sin = -sin
         x1, x2 = chunk[..., :half], chunk[..., half:]
