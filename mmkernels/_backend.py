@@ -15,7 +15,8 @@ Which backend runs is decided per call:
 2. the environment variable ``MMKERNELS_BACKEND`` (read at call time), else
 3. ``auto``.
 
-``auto`` picks the first of cuda, triton, torch that is available, supports the inputs and is not experimental.
+``auto`` picks the first of cuda, triton, torch that is available, supports the inputs and is not experimental;
+for inputs that are all on the CPU it is always torch (the Triton CPU interpreter exists for tests, not speed).
 A backend whose kernels have never passed their tests on a GPU is registered ``experimental``: it runs only when
 named. A named backend that cannot run the inputs raises :class:`BackendError`; it never silently falls back.
 
@@ -120,6 +121,8 @@ class Op:
         """The implementation module to run ``args`` with, per ``requested`` ("" = environment, else auto)."""
         name = _check_choice(requested, f"mmkernels.{self.name} backend") if requested else env_backend()
         if name == "auto":
+            if _all_cpu(args, kwargs):
+                return self.backends["torch"].impl()
             skipped = []
             for bname in BACKENDS:
                 be = self.backends.get(bname)
@@ -140,22 +143,27 @@ class Op:
                                f"inputs: {why}. Choose another with mmkernels.use_backend(...) or {ENV_VAR}.")
         return be.impl()
 
-    def status(self) -> dict[str, str]:
-        """backend -> "yes", "experimental: why", or "no: why", for this machine (not for particular inputs)."""
+    def status(self) -> dict[str, tuple[str, list[str]]]:
+        """backend -> (state, reasons) for this machine (not for particular inputs).
+
+        state is "yes" (auto may pick it), "experimental" (runs only when named) or "no" (cannot run here).
+        """
         out = {}
         for bname in BACKENDS:
             be = self.backends.get(bname)
             if be is None:
-                out[bname] = "no: not implemented"
+                out[bname] = ("no", ["not implemented"])
                 continue
             why = be.available()
-            if why is not None:
-                out[bname] = f"no: {why}"
-            elif be.experimental:
-                out[bname] = f"experimental: {be.experimental}"
-            else:
-                out[bname] = "yes"
+            reasons = [r for r in (why, f"experimental: {be.experimental}" if be.experimental else None) if r]
+            out[bname] = ("no" if why else "experimental" if be.experimental else "yes", reasons)
         return out
+
+
+def _all_cpu(args, kwargs) -> bool:
+    import torch
+
+    return all(a.device.type == "cpu" for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
 
 
 OPS: dict[str, Op] = {}

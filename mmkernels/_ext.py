@@ -29,23 +29,31 @@ def _arch_number(arch: str) -> tuple[int, int]:
     return int(major), int(minor.rstrip("af") or 0)
 
 
-def arch_supported(device) -> Optional[str]:
-    """None when _C has code that runs on ``device``, else the reason.
+def arch_runs_on(archs: list[str], capability: tuple[int, int]) -> bool:
+    """Whether code built for ``archs`` runs on a device of ``capability`` (major, minor).
 
-    A cubin for sm_XY runs on sm_XZ with Z >= Y; arch-specific code (sm_90a) only on that exact arch; PTX
-    (``+PTX``) on any newer device.
+    A cubin for sm_XY runs on sm_XZ with Z >= Y; arch-specific code (9.0a, 10.0f) only on that exact arch; PTX
+    (``+PTX``) is JIT-compiled for any newer device.
     """
+    for a in archs:
+        major, minor = _arch_number(a)
+        if (major, minor) == tuple(capability):
+            return True
+        if a.endswith("+PTX") and (major, minor) <= tuple(capability):
+            return True
+        specific = a.replace("+PTX", "").endswith(("a", "f"))
+        if major == capability[0] and minor <= capability[1] and not specific:
+            return True
+    return False
+
+
+def arch_supported(device) -> Optional[str]:
+    """None when _C has code that runs on ``device``, else the reason."""
     import torch
 
     cap = torch.cuda.get_device_capability(device)
-    archs = compiled_archs()
-    for a in archs:
-        major, minor = _arch_number(a)
-        if (major, minor) == cap:
-            return None
-        if major == cap[0] and minor <= cap[1] and not a.replace("+PTX", "").endswith(("a", "f")):
-            return None
-        if a.endswith("+PTX") and (major, minor) <= cap:
-            return None
+    if arch_runs_on(compiled_archs(), cap):
+        return None
     name = torch.cuda.get_device_name(device)
-    return f"mmkernels._C was built for {';'.join(archs)}, not for {name} (sm_{cap[0]}{cap[1]}); rebuild with TORCH_CUDA_ARCH_LIST"
+    return (f"mmkernels._C was built for {';'.join(compiled_archs())}, not for {name} (sm_{cap[0]}{cap[1]}); "
+            "rebuild with TORCH_CUDA_ARCH_LIST")

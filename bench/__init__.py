@@ -1,0 +1,1 @@
+"""Benchmarks (run from a checkout): ``python -m bench [--quick] [--device cpu|cuda] [--out results.json]``."""

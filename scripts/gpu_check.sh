@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device call that builds, tests and benchmarks on a lent GPU (see ../shared/gpu/README.md).
+# Run from the repo root on the GPU machine, with the wheels from ../shared/gpu/fetch_wheels.sh carried as .whl/.
+# Writes build.log, gpu_tests.log, bench.json and bench.md to $OUT (default ./gpu_out).
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+export PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}  # Hopper only: halves the build; tests check the list
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" \
+  | tee -a "$OUT/device.txt"
+start=$(date +%s)
+MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 \
+  || { tail -50 "$OUT/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+python3 -m mmkernels | tee "$OUT/mmkernels.txt"
+# Every op test runs on the GPU here: CUDA backends, compiled Triton, bf16.
+python3 -m pytest tests/ops tests/test_backend.py tests/test_build.py tests/test_nn.py -q -x -p no:cacheprovider \
+  2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+python3 -m bench ${BENCH_ARGS:-} --device cuda --out "$OUT/bench.json" --md "$OUT/bench.md" 2>&1 | tail -40
