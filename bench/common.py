@@ -68,6 +68,48 @@ class Context:
         return self.device.type == "cuda"
 
 
+def our_impls(ctx: Context, op: str, fn: Callable, *inputs) -> list[tuple[str, Callable, str]]:
+    """(label, callable, note) for each of our backends of ``op`` that can run ``inputs`` here: triton and cuda on a
+    GPU (cuda marked experimental until validated), the torch backend on the CPU. ``fn`` is the public op."""
+    from mmkernels import _backend, use_backend
+
+    out = []
+    for b in ("triton", "cuda") if ctx.cuda else ("torch",):
+        be = _backend.OPS[op].backends[b]
+        if be.available() is None and be.supports(*inputs) is None:
+            def run(*args, b=b):
+                with use_backend(b):
+                    return fn(*args)
+            out.append((f"mmkernels[{b}]", run, "(experimental)" if be.experimental else ""))
+    return out
+
+
+def measure(ctx: Context, *, op: str, case: str, shape: str, label: str, fn: Callable, args: tuple,
+            grad_args: tuple[int, ...], dy: torch.Tensor, expected: torch.Tensor, note: str,
+            cost: dict[str, tuple[int, int]]) -> list[Record]:
+    """Check ``fn(*args)`` against ``expected`` (a wrong output is marked WRONG, never reported as a plain time),
+    then time the forward and forward+backward (grads of the args at ``grad_args`` for upstream grad ``dy``).
+    ``cost`` maps "fwd" and "fwd+bwd" to (bytes, flops)."""
+    from mmkernels.testing import rel_err, tolerance
+
+    dtype = expected.dtype
+    err = rel_err(fn(*args), expected)
+    if err > tolerance(dtype):
+        note = f"{note} WRONG: rel err {err:.2e}".strip()
+    gargs = tuple(a.detach().requires_grad_(True) if i in grad_args else a for i, a in enumerate(args))
+    wrt = tuple(gargs[i] for i in grad_args)
+
+    def fwd_bwd():
+        torch.autograd.grad(fn(*gargs), wrt, dy)
+
+    out = []
+    for pass_, call in (("fwd", lambda: fn(*args)), ("fwd+bwd", fwd_bwd)):
+        nbytes, flops = cost[pass_]
+        out.append(Record(op, case, shape, str(dtype).replace("torch.", ""), label, pass_,
+                          time_ms(call, ctx.device, ctx.quick), nbytes, flops, note=note).finish(ctx.copy_gbps))
+    return out
+
+
 def time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> float:
     """Median milliseconds per call of ``fn``."""
     if device.type == "cuda":

@@ -13,10 +13,9 @@ from __future__ import annotations
 import torch
 
 import mmkernels
-from bench.common import Context, Record, time_ms
-from mmkernels import _backend, use_backend
+from bench.common import Context, Record, measure, our_impls
 from mmkernels.ops.rope3d import reference
-from mmkernels.testing import randn, rel_err, tolerance
+from mmkernels.testing import randn
 
 # (name, [B, L, H, D], grid): LaVin-DiT 3.4B queries and keys over 10 frames of 32x32 tokens.
 CASES = [("3B q", (2, 10240, 32, 72), (10, 32, 32)), ("3B k", (2, 10240, 8, 72), (10, 32, 32))]
@@ -30,15 +29,7 @@ def _impls(ctx: Context, x):
     if ctx.cuda:
         compiled = torch.compile(reference.rope3d, dynamic=False)
         out.append(("compiled reference", lambda v, g: compiled(v, g, SPLIT), ""))
-    op = _backend.OPS["rope3d"]
-    for b in ("triton", "cuda") if ctx.cuda else ("torch",):
-        be = op.backends[b]
-        if be.available() is None and be.supports(x) is None:
-            def fn(v, g, b=b):
-                with use_backend(b):
-                    return mmkernels.rope3d(v, g, SPLIT)
-            out.append((f"mmkernels[{b}]", fn, "(experimental)" if be.experimental else ""))
-    return out
+    return out + our_impls(ctx, "rope3d", lambda v, g: mmkernels.rope3d(v, g, SPLIT), x)
 
 
 def run(ctx: Context) -> list[Record]:
@@ -50,21 +41,10 @@ def run(ctx: Context) -> list[Record]:
         x = randn(shape, dtype, ctx.device)
         dy = randn(shape, dtype, ctx.device)
         numel = x.numel()
+        cost = {"fwd": (2 * numel * s, 3 * numel), "fwd+bwd": (4 * numel * s, 6 * numel)}
         expected = reference.rope3d(x, grid, SPLIT)
         for label, fn, note in _impls(ctx, x):
-            err = rel_err(fn(x, grid), expected)
-            if err > tolerance(dtype):
-                note = f"{note} WRONG: rel err {err:.2e}".strip()
-            xg = x.detach().requires_grad_(True)
-
-            def fwd_bwd():
-                torch.autograd.grad(fn(xg, grid), (xg,), dy)
-
-            shp = "[" + ", ".join(map(str, shape)) + "]"
-            records.append(Record("rope3d", name, shp, str(dtype)[6:], label, "fwd",
-                                  time_ms(lambda: fn(x, grid), ctx.device, ctx.quick), 2 * numel * s, 3 * numel,
-                                  note=note).finish(ctx.copy_gbps))
-            records.append(Record("rope3d", name, shp, str(dtype)[6:], label, "fwd+bwd",
-                                  time_ms(fwd_bwd, ctx.device, ctx.quick), 4 * numel * s, 6 * numel,
-                                  note=note).finish(ctx.copy_gbps))
+            records += measure(ctx, op="rope3d", case=name, shape="[" + ", ".join(map(str, shape)) + "]",
+                               label=label, fn=fn, args=(x, grid), grad_args=(0,), dy=dy, expected=expected,
+                               note=note, cost=cost)
     return records

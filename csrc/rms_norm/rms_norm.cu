@@ -7,9 +7,11 @@
 //
 // Work split: a group of G = 2^k threads owns one row at a time; G <= 32 reduces with sub-warp shuffles, G > 32 is a
 // whole block (blockDim == G) reducing through shared memory. Each thread holds NV vectors of VEC elements (16-byte
-// loads) in registers, so x is read from DRAM once; NV == 0 is the streaming variant for very wide rows, which reads
-// x twice. The row loop steps by a block-uniform base so that every thread runs the same number of iterations:
-// full-mask shuffles and __syncthreads are then safe when M is not a multiple of the number of groups.
+// loads) in registers, so x is read from DRAM once; those kernels use groups of at most kResidentThreads threads
+// and are compiled with that launch bound (they need more than 64 registers, which a 1024-thread block cannot
+// have). NV == 0 is the streaming variant for rows too wide for registers: 512 threads, x read twice. The row loop
+// steps by a block-uniform base so that every thread runs the same number of iterations: full-mask shuffles and
+// __syncthreads are then safe when M is not a multiple of the number of groups.
 #include "common.h"
 
 #include <algorithm>
@@ -18,6 +20,13 @@ namespace mmk {
 namespace {
 
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kResidentThreads = 256;   // max group (= block) size of the register-resident kernels
+constexpr int kStreamingThreads = 512;  // block size of the streaming kernels (1024 would cap registers at 64 and spill)
+constexpr int kFwdMaxNV = 8;            // vectors per thread held in registers, forward
+constexpr int kBwdMaxNV = 4;            // backward holds x and dy (NV = 8 spilled on sm_90a)
+
+template <int NV>
+constexpr int max_threads() { return NV > 0 ? kResidentThreads : kStreamingThreads; }
 
 // Sum of v over the G threads of a group. Requires every thread of the block to call it (see the loop shape).
 __device__ __forceinline__ float group_sum(float v, int G, float* smem) {
@@ -55,8 +64,9 @@ __device__ __forceinline__ Vec<T, VEC> normalize(const Vec<T, VEC>& xv, const Ve
 }
 
 template <typename T, int VEC, int NV>
-__global__ void rms_norm_fwd_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, T* __restrict__ y,
-                                    float* __restrict__ rstd, int64_t M, int N, float eps, int g_log2) {
+__global__ void __launch_bounds__(max_threads<NV>())
+    rms_norm_fwd_kernel(const T* __restrict__ x, int64_t sx, const T* __restrict__ w, T* __restrict__ y,
+                        float* __restrict__ rstd, int64_t M, int N, float eps, int g_log2) {
   extern __shared__ float smem[];
   const int G = 1 << g_log2;
   const int lane = threadIdx.x & (G - 1);
@@ -151,9 +161,10 @@ __device__ __forceinline__ Vec<T, VEC> grad_x(const Vec<T, VEC>& dyv, const Vec<
 }
 
 template <typename T, int VEC, int NV>
-__global__ void rms_norm_bwd_kernel(const T* __restrict__ dy, int64_t sdy, const T* __restrict__ x, int64_t sx,
-                                    const T* __restrict__ w, const float* __restrict__ rstd, T* __restrict__ dx,
-                                    float* __restrict__ dwp, int64_t M, int N, int g_log2) {
+__global__ void __launch_bounds__(max_threads<NV>())
+    rms_norm_bwd_kernel(const T* __restrict__ dy, int64_t sdy, const T* __restrict__ x, int64_t sx,
+                        const T* __restrict__ w, const float* __restrict__ rstd, T* __restrict__ dx,
+                        float* __restrict__ dwp, int64_t M, int N, int g_log2) {
   extern __shared__ float smem[];
   const int G = 1 << g_log2;
   const int lane = threadIdx.x & (G - 1);
@@ -176,7 +187,11 @@ __global__ void rms_norm_bwd_kernel(const T* __restrict__ dy, int64_t sdy, const
       for (int j = 0; j < VEC; ++j) dwacc[k][j] = 0.f;
     }
   } else if (has_w) {
-    for (int c = lane; c < N; c += G) dw_row[c] = 0.f;
+    // Zero exactly the columns this thread accumulates below (same vector mapping), so no other thread races.
+    for (int v = lane; v < nvec; v += G) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) dw_row[v * VEC + j] = 0.f;
+    }
   }
 
   for (int64_t base = static_cast<int64_t>(blockIdx.x) * groups; base < M;
@@ -262,24 +277,29 @@ inline int ceil_log2(int64_t v) {
   return k;
 }
 
-// target_nv: how many vectors a thread should hold (fewer => wider groups => fewer dw partial rows in backward).
-inline Shape pick_shape(int64_t nvec, int target_nv) {
+// target_nv: how many vectors a thread should hold (fewer => wider groups => fewer dw partial rows in backward);
+// max_nv: the most a thread may hold in registers. Rows that do not fit kResidentThreads * max_nv vectors stream.
+inline Shape pick_shape(int64_t nvec, int target_nv, int max_nv) {
   const int64_t want = std::max<int64_t>(1, (nvec + target_nv - 1) / target_nv);
-  const int g_log2 = std::min(10, ceil_log2(want));
+  const int g_log2 = std::min(ceil_log2(kResidentThreads), ceil_log2(want));
   const int64_t G = int64_t{1} << g_log2;
   const int64_t per = (nvec + G - 1) / G;
-  int nv = per <= 1 ? 1 : per <= 2 ? 2 : per <= 4 ? 4 : per <= 8 ? 8 : 0;
-  const int block = G > 32 ? static_cast<int>(G) : 128;
-  return {g_log2, nv, block};
+  if (per > max_nv) return {ceil_log2(kStreamingThreads), 0, kStreamingThreads};
+  const int nv = per <= 1 ? 1 : per <= 2 ? 2 : per <= 4 ? 4 : 8;
+  return {g_log2, nv, G > 32 ? static_cast<int>(G) : 128};
 }
 
-template <typename F>
+// Instantiates NV in {0, 1, 2, 4} and, when MAX_NV allows, 8.
+template <int MAX_NV, typename F>
 void dispatch_nv(int nv, F&& f) {
   switch (nv) {
     case 1: f(std::integral_constant<int, 1>{}); break;
     case 2: f(std::integral_constant<int, 2>{}); break;
     case 4: f(std::integral_constant<int, 4>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 8:
+      if constexpr (MAX_NV >= 8) f(std::integral_constant<int, 8>{});
+      else MMK_CHECK(false, "rms_norm: internal error, NV=8 above this kernel's limit");
+      break;
     default: f(std::integral_constant<int, 0>{}); break;
   }
 }
@@ -319,10 +339,10 @@ std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x, const std::optional<at
                         (wp == nullptr || aligned(wp, 16));
     auto launch = [&](auto vec_c) {
       constexpr int VEC = decltype(vec_c)::value;
-      const Shape s = pick_shape(N / VEC, 4);
+      const Shape s = pick_shape(N / VEC, 4, kFwdMaxNV);
       const int groups = s.block >> s.g_log2;
       const int64_t blocks = std::min<int64_t>((M + groups - 1) / groups, int64_t{sm_count(x.get_device())} * 64);
-      dispatch_nv(s.nv, [&](auto nv_c) {
+      dispatch_nv<kFwdMaxNV>(s.nv, [&](auto nv_c) {
         constexpr int NV = decltype(nv_c)::value;
         rms_norm_fwd_kernel<T, VEC, NV><<<blocks, s.block, (s.block / 32) * sizeof(float),
                                           current_stream()>>>(
@@ -346,10 +366,12 @@ std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
             x.sizes(), ", ", x.scalar_type(), "), got ", dy.sizes(), ", ", dy.scalar_type());
   const int64_t M = x.size(0), N = x.size(1);
   check_cuda(rstd, "rstd");
+  check_same_device(x, "x", rstd, "rstd");
   MMK_CHECK(rstd.scalar_type() == at::kFloat && rstd.dim() == 1 && rstd.size(0) == M && rstd.is_contiguous(),
             "argument 'rstd' must be a contiguous float32 [", M, "] tensor");
   if (weight.has_value()) {
     check_cuda(*weight, "weight");
+    check_same_device(x, "x", *weight, "weight");
     MMK_CHECK(weight->scalar_type() == x.scalar_type() && weight->dim() == 1 && weight->size(0) == N &&
                   weight->is_contiguous(),
               "argument 'weight' must be a contiguous [", N, "] tensor of x's dtype");
@@ -371,13 +393,16 @@ std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
     auto launch = [&](auto vec_c) {
       constexpr int VEC = decltype(vec_c)::value;
       // Wide groups (2 vectors per thread) keep the number of dw partial rows, and their traffic, small.
-      const Shape s = pick_shape(N / VEC, 2);
+      const Shape s = pick_shape(N / VEC, 2, kBwdMaxNV);
       const int groups = s.block >> s.g_log2;
-      const int blocks_per_sm = std::max(1, 1024 / s.block);
-      const int64_t blocks =
-          std::min<int64_t>((M + groups - 1) / groups, int64_t{sm_count(x.get_device())} * blocks_per_sm);
+      const int sms = sm_count(x.get_device());
+      int64_t blocks = std::min<int64_t>((M + groups - 1) / groups, int64_t{sms} * std::max(1, 1024 / s.block));
+      if (wp) {  // cap the [blocks * groups, N] fp32 partials near 8 MiB, keeping at least 2 blocks per SM
+        const int64_t cap = std::max<int64_t>(2 * sms, (int64_t{1} << 21) / (groups * N));
+        blocks = std::max<int64_t>(1, std::min(blocks, cap));
+      }
       dwp = at::empty({wp ? blocks * groups : 0, N}, x.options().dtype(at::kFloat));
-      dispatch_nv(s.nv, [&](auto nv_c) {
+      dispatch_nv<kBwdMaxNV>(s.nv, [&](auto nv_c) {
         constexpr int NV = decltype(nv_c)::value;
         rms_norm_bwd_kernel<T, VEC, NV><<<blocks, s.block, (s.block / 32) * sizeof(float),
                                           current_stream()>>>(

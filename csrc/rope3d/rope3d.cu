@@ -32,7 +32,7 @@ struct RopeGeom {
 template <typename T, int VEC>
 __global__ void rope3d_kernel(const T* __restrict__ x, const float* __restrict__ inv_freq, T* __restrict__ y,
                               RopeGeom g, int tokens_per_block) {
-  extern __shared__ float smem[];
+  extern __shared__ __align__(32) float smem[];
   const int P = g.D / 2;
   float* cs = smem;
   float* sn = smem + tokens_per_block * P;
@@ -82,10 +82,13 @@ __global__ void rope3d_kernel(const T* __restrict__ x, const float* __restrict__
     T* yp = y + ((static_cast<int64_t>(b) * g.L + l) * g.H + h) * g.D;
     const Vec<T, VEC> xl = *reinterpret_cast<const Vec<T, VEC>*>(xp + lo);
     const Vec<T, VEC> xh = *reinterpret_cast<const Vec<T, VEC>*>(xp + hi);
+    // Vector reads of the angles: VEC divides P and p0, so these are aligned, and lanes do not bank-conflict.
+    const Vec<float, VEC> cv = *reinterpret_cast<const Vec<float, VEC>*>(cs + tl * P + p0);
+    const Vec<float, VEC> sv = *reinterpret_cast<const Vec<float, VEC>*>(sn + tl * P + p0);
     Vec<T, VEC> yl, yh;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float c = cs[tl * P + p0 + j], s = sn[tl * P + p0 + j];
+      const float c = cv.v[j], s = sv.v[j];
       const float a = to_float(xl.v[j]), bb = to_float(xh.v[j]);
       yl.v[j] = from_float<T>(a * c - bb * s);
       yh.v[j] = from_float<T>(bb * c + a * s);
@@ -113,8 +116,9 @@ at::Tensor rope3d(const at::Tensor& x, const at::Tensor& inv_freq, std::vector<i
   MMK_CHECK(grid[0] * grid[1] * grid[2] == L, "grid ", grid, " does not cover L=", L);
   MMK_CHECK(split[0] + split[1] + split[2] == D && split[0] % 2 == 0 && split[1] % 2 == 0 && split[2] % 2 == 0,
             "split ", split, " must be even parts summing to D=", D);
-  MMK_CHECK(D <= 2 * kMaxSmemPairs && B * H < (int64_t{1} << 31) / std::max<int64_t>(D, 1),
-            "rope3d: D=", D, " with B*H=", B * H, " is beyond what the kernel indexes with 32-bit ints");
+  MMK_CHECK(D <= 2 * kMaxSmemPairs && B * H < (int64_t{1} << 31) / std::max<int64_t>(D, 1) &&
+                L < (int64_t{1} << 31),
+            "rope3d: D=", D, ", B*H=", B * H, ", L=", L, " is beyond what the kernel indexes with 32-bit ints");
   MMK_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.dim() == 1 && inv_freq.size(0) == D / 2 &&
                 inv_freq.is_contiguous(),
             "argument 'inv_freq' must be a contiguous float32 [D/2] = [", D / 2, "] tensor");
@@ -131,21 +135,24 @@ at::Tensor rope3d(const at::Tensor& x, const at::Tensor& inv_freq, std::vector<i
   g.sign = inverse ? -1.f : 1.f;
 
   const int P = static_cast<int>(D / 2);
-  // Items per token = B*H*P/VEC; aim for at least one item per thread per block.
-  const int64_t per_token = std::max<int64_t>(1, B * H * P);
-  int tokens_per_block = static_cast<int>(std::clamp<int64_t>((kThreads * 4 + per_token - 1) / per_token, 1, 64));
-  tokens_per_block = std::max(1, std::min(tokens_per_block, kMaxSmemPairs / std::max(P, 1)));
-  const int64_t blocks = (L + tokens_per_block - 1) / tokens_per_block;
-  const size_t smem = 2 * static_cast<size_t>(tokens_per_block) * P * sizeof(float);
 
   MMK_DISPATCH_FLOAT(x.scalar_type(), "rope3d", [&] {
     using T = scalar_t;
-    // VEC must divide every half-chunk (so a vector never straddles chunks), the strides, and the alignment.
+    // VEC must divide every half-chunk (so a vector never straddles chunks), the strides of dims longer than 1
+    // (the others are never stepped), and the pointer alignment.
     int64_t common = 0;
     for (int a = 0; a < 3; ++a) common = gcd(common, split[a] / 2);
-    for (int64_t s : {g.sb, g.sl, g.sh}) common = gcd(common, s < 0 ? -s : s);
+    for (int d = 0; d < 3; ++d) {
+      if (x.size(d) > 1) common = gcd(common, x.stride(d) < 0 ? -x.stride(d) : x.stride(d));
+    }
     int vec = static_cast<int>(16 / sizeof(T));
     while (vec > 1 && (common % vec != 0 || !aligned(x.data_ptr(), vec * sizeof(T)))) vec >>= 1;
+    // Items per token = B*H*P/VEC; take enough tokens per block for about 4 items per thread.
+    const int64_t per_token = std::max<int64_t>(1, B * H * P / vec);
+    int tokens_per_block = static_cast<int>(std::clamp<int64_t>((kThreads * 4 + per_token - 1) / per_token, 1, 64));
+    tokens_per_block = std::max(1, std::min(tokens_per_block, kMaxSmemPairs / std::max(P, 1)));
+    const int64_t blocks = (L + tokens_per_block - 1) / tokens_per_block;
+    const size_t smem = 2 * static_cast<size_t>(tokens_per_block) * P * sizeof(float);
     auto launch = [&](auto vc) {
       constexpr int VEC = decltype(vc)::value;
       rope3d_kernel<T, VEC><<<blocks, kThreads, smem, current_stream()>>>(

@@ -10,8 +10,9 @@ from mmkernels.testing import assert_close, randn, triton_interpreted
 from tests.ops.common import backend_dtype_params, backend_params
 
 # Leading shapes x widths: widths around tile edges (1, 7, 72, 300, 576, 2304) and one wider than a single Triton
-# tile (9000 > 8192: the looped path). Leading dims are not multiples of any block size.
-SHAPES = [(3, 1), (5, 7), (2, 3, 72), (37, 300), (1, 576), (4, 2304), (3, 9000)]
+# tile (9000 > 8192: the looped path), plus widths that take the CUDA kernels' mid-width and streaming paths
+# (20000, 100000). Leading dims are not multiples of any block size.
+SHAPES = [(3, 1), (5, 7), (2, 3, 72), (37, 300), (1, 576), (4, 2304), (3, 9000), (2, 20000), (2, 100000)]
 
 
 def _eps(shape):
