@@ -15,11 +15,11 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def tensor(op: str, name: str, t, *, ndim: Optional[int] = None, min_ndim: Optional[int] = None,
-           floating: bool = True) -> torch.Tensor:
+def tensor(op: str, name: str, t, *, ndim: Optional[int] = None, min_ndim: Optional[int] = None) -> torch.Tensor:
+    """A floating-point tensor, optionally of exactly ``ndim`` or at least ``min_ndim`` dims."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"mmkernels.{op}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
-    if floating and t.dtype not in FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"mmkernels.{op}: argument '{name}' must be a floating-point tensor "
                         f"(float16, bfloat16, float32 or float64), got {t.dtype}")
     if ndim is not None and t.dim() != ndim:

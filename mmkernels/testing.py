@@ -64,15 +64,13 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def backend_devices(include_gpu: bool = True) -> list[tuple[str, str]]:
-    """(backend, device) pairs to exercise here: torch on CPU; Triton on CPU under the interpreter; and, when a GPU
-    is present (or include_gpu asks for the GPU cases to be listed), every backend on CUDA."""
+def backend_devices() -> list[tuple[str, str]]:
+    """(backend, device) pairs to test: torch on the CPU, Triton on the CPU under the interpreter, and every backend
+    on CUDA (tests mark those ``gpu``, so they are skipped where there is no GPU)."""
     pairs = [("torch", "cpu")]
     if triton_interpreted():
         pairs.append(("triton", "cpu"))
-    if include_gpu:
-        pairs += [("torch", "cuda"), ("triton", "cuda"), ("cuda", "cuda")]
-    return pairs
+    return pairs + [("torch", "cuda"), ("triton", "cuda"), ("cuda", "cuda")]
 
 
 def dtypes_for(backend: str, device: str) -> list[torch.dtype]:

@@ -7,7 +7,7 @@ import mmkernels
 from mmkernels import BackendError, use_backend
 from mmkernels.ops.rms_norm import reference
 from mmkernels.testing import assert_close, randn, triton_interpreted
-from tests.ops.common import backend_dtype_params, backend_params
+from tests.ops.common import backend_dtype_params, backend_params, check_compiled
 
 # Leading shapes x widths: widths around tile edges (1, 7, 72, 300, 576, 2304) and one wider than a single Triton
 # tile (9000 > 8192: the looped path), plus widths that take the CUDA kernels' mid-width and streaming paths
@@ -122,19 +122,8 @@ def test_torch_compile_fullgraph(backend, device, compiler):
     def block(x, w):
         return mmkernels.rms_norm(x * 2.0, w).sum(dim=-1).square().mean()
 
-    x = randn((4, 48), torch.float32, device)
-    w = randn((48,), torch.float32, device, shift=1.0)
-    compiled = torch.compile(block, fullgraph=True, backend=compiler)
-    x1, w1 = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    x2, w2 = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    with use_backend(backend):
-        out = compiled(x1, w1)
-        out.backward()
-        ref = block(x2, w2)
-        ref.backward()
-    assert_close(out, ref, dtype=torch.float32, what="compiled output")
-    assert_close(x1.grad, x2.grad, dtype=torch.float32, what="compiled dx")
-    assert_close(w1.grad, w2.grad, dtype=torch.float32, what="compiled dw")
+    check_compiled(block, (randn((4, 48), torch.float32, device), randn((48,), torch.float32, device, shift=1.0)),
+                   backend, compiler)
 
 
 def test_backend_is_passed_into_the_compiled_graph():

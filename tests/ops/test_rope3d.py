@@ -11,7 +11,7 @@ import mmkernels
 from mmkernels import BackendError, use_backend
 from mmkernels.ops.rope3d import reference
 from mmkernels.testing import assert_close, randn
-from tests.ops.common import backend_dtype_params, backend_params
+from tests.ops.common import backend_dtype_params, backend_params, check_compiled
 
 # (B, grid, H, D, split, offsets): LaVin-DiT's D=72 (24/24/24), D=64 with an explicit split, 80, 96, 128, a zero
 # part, tiny D=6, negative and positive offsets, and a 32x32 spatial grid with a large temporal offset so that
@@ -140,19 +140,8 @@ def test_torch_compile_fullgraph(backend, device, compiler):
         k = mmkernels.rope3d(k, (2, 2, 2))
         return torch.einsum("blhd,bmhd->bhlm", q, k).square().mean()
 
-    q = randn((2, 8, 2, 18), torch.float32, device)
-    k = randn((2, 8, 2, 18), torch.float32, device)
-    compiled = torch.compile(attn_logits, fullgraph=True, backend=compiler)
-    q1, k1 = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
-    q2, k2 = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
-    with use_backend(backend):
-        out = compiled(q1, k1)
-        out.backward()
-        ref = attn_logits(q2, k2)
-        ref.backward()
-    assert_close(out, ref, dtype=torch.float32, what="compiled output")
-    assert_close(q1.grad, q2.grad, dtype=torch.float32, what="compiled dq")
-    assert_close(k1.grad, k2.grad, dtype=torch.float32, what="compiled dk")
+    check_compiled(attn_logits, (randn((2, 8, 2, 18), torch.float32, device),
+                                 randn((2, 8, 2, 18), torch.float32, device)), backend, compiler)
 
 
 class TestBadInput:
