@@ -7,6 +7,7 @@ backward is the same op with the inverse rotation), so it passes ``torch.library
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -65,16 +66,16 @@ def _backward(ctx, dy):
 _rope3d.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_split(split, head_dim: int) -> tuple[int, int, int]:
+def _check_split(split, head_dim: int, op: str = "rope3d", name: str = "split") -> tuple[int, int, int]:
     if split is None:
         return reference.default_split(head_dim)
-    parts = _checks.int_triple("rope3d", "split", split)
+    parts = _checks.int_triple(op, name, split)
     if any(p < 0 or p % 2 for p in parts):
-        raise ValueError(f"mmkernels.rope3d: argument 'split' must hold even, non-negative parts (each chunk "
+        raise ValueError(f"mmkernels.{op}: argument '{name}' must hold even, non-negative parts (each chunk "
                          f"rotates halves), got {parts}")
     if sum(parts) != head_dim:
-        raise ValueError(f"mmkernels.rope3d: argument 'split' {parts} sums to {sum(parts)}, but the head dim "
-                         f"(x.shape[-1]) is {head_dim}")
+        raise ValueError(f"mmkernels.{op}: argument '{name}' {parts} sums to {sum(parts)}, but the head dim "
+                         f"is {head_dim}")
     return parts
 
 
@@ -104,3 +105,34 @@ def rope3d(x: torch.Tensor, grid: Sequence[int], split: Optional[Sequence[int]] 
     offsets = (0, 0, 0) if offsets is None else _checks.int_triple("rope3d", "offsets", offsets)
     return torch.ops.mmkernels.rope3d(x, list(grid), list(split), base, list(offsets), False,
                                       _backend.requested_backend())
+
+
+@dataclass(frozen=True)
+class RoPE3DSpec:
+    """Where a sequence sits on a (T, H, W) token grid, for ops that apply 3D RoPE internally (joint_attention).
+
+    Attributes:
+        grid: (T, Hg, Wg), covering the whole (joint) sequence in row-major (t, h, w) order.
+        split: head-dim parts (d_t, d_h, d_w), even, summing to the head dim; None = D//3 each (needs D % 6 == 0).
+        base: frequency base for all three axes.
+        offsets: integer offsets (o_t, o_h, o_w) added to the coordinates; None = (0, 0, 0).
+
+    The semantics are exactly :func:`rope3d`'s (see mmkernels/ops/rope3d/reference.py).
+    """
+
+    grid: Sequence[int]
+    split: Optional[Sequence[int]] = None
+    base: float = 10000.0
+    offsets: Optional[Sequence[int]] = None
+
+    def resolve(self, op: str, head_dim: int, length: int) -> tuple[tuple[int, int, int], tuple[int, int, int],
+                                                                      float, tuple[int, int, int]]:
+        """Validated (grid, split, base, offsets) for a sequence of ``length`` tokens with head dim ``head_dim``."""
+        grid = _checks.int_triple(op, "rope.grid", self.grid, minimum=0)
+        if grid[0] * grid[1] * grid[2] != length:
+            raise ValueError(f"mmkernels.{op}: rope.grid {grid} holds {grid[0] * grid[1] * grid[2]} tokens, but "
+                             f"the sequence has {length}")
+        split = _check_split(self.split, head_dim, op, "rope.split")
+        base = _checks.finite_float(op, "rope.base", self.base, positive=True)
+        offsets = (0, 0, 0) if self.offsets is None else _checks.int_triple(op, "rope.offsets", self.offsets)
+        return grid, split, base, offsets
