@@ -18,7 +18,7 @@ import torch
 
 from bench import common
 
-OPS = ("rms_norm", "rope3d")
+OPS = ("rms_norm", "rope3d", "joint_attention")
 
 
 def main(argv=None) -> int:

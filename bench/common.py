@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -48,6 +49,7 @@ class Record:
     tflops: float = 0.0
     pct_copy: Optional[float] = None  # of the copy bandwidth measured in this run
     note: str = ""
+    rel_err: Optional[float] = None  # of the checked output against the expected value (measure)
 
     def finish(self, copy_gbps: Optional[float]) -> "Record":
         self.gbps = self.bytes / (self.ms * 1e-3) / 1e9
@@ -75,8 +77,8 @@ def our_impls(ctx: Context, op: str, fn: Callable, *inputs) -> list[tuple[str, C
 
     out = []
     for b in ("triton", "cuda") if ctx.cuda else ("torch",):
-        be = _backend.OPS[op].backends[b]
-        if be.available() is None and be.supports(*inputs) is None:
+        be = _backend.OPS[op].backends.get(b)  # not every op has every backend
+        if be is not None and be.available() is None and be.supports(*inputs) is None:
             def run(*args, b=b):
                 with use_backend(b):
                     return fn(*args)
@@ -84,17 +86,55 @@ def our_impls(ctx: Context, op: str, fn: Callable, *inputs) -> list[tuple[str, C
     return out
 
 
+def _check_err(actual, expected) -> float:
+    """rel_err of one output, or the largest rel_err over the outputs when ``expected`` is a list/tuple of tensors
+    (ops with several outputs, e.g. one per stream)."""
+    from mmkernels.testing import rel_err
+
+    if isinstance(expected, (list, tuple)):
+        if not isinstance(actual, (list, tuple)) or len(actual) != len(expected):
+            raise ValueError(f"expected {len(expected)} outputs, got {type(actual).__name__}")
+        return max((rel_err(a, e) for a, e in zip(actual, expected)), default=0.0)
+    return rel_err(actual, expected)
+
+
+def _reason(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"[:200]
+
+
 def measure(ctx: Context, *, op: str, case: str, shape: str, label: str, fn: Callable, args: tuple,
-            grad_args: tuple[int, ...], dy: torch.Tensor, expected: torch.Tensor, note: str,
-            cost: dict[str, tuple[int, int]]) -> list[Record]:
+            grad_args: tuple[int, ...], dy, expected, note: str,
+            cost: dict[str, tuple[int, int]], skip_errors: bool = False,
+            tol: Optional[float] = None) -> list[Record]:
     """Check ``fn(*args)`` against ``expected`` (a wrong output is marked WRONG, never reported as a plain time),
     then time the forward and forward+backward (grads of the args at ``grad_args`` for upstream grad ``dy``).
-    ``cost`` maps "fwd" and "fwd+bwd" to (bytes, flops)."""
-    from mmkernels.testing import rel_err, tolerance
+    ``cost`` maps "fwd" and "fwd+bwd" to (bytes, flops). ``tol``: the allowed relative error, default the dtype's
+    (mmkernels.testing.tolerance); a baseline with legitimately different rounding may be given more.
 
-    dtype = expected.dtype
-    err = rel_err(fn(*args), expected)
-    if err > tolerance(dtype):
+    Several outputs: ``fn`` may return a list/tuple of tensors; then ``expected`` and ``dy`` are lists/tuples of the
+    same length (the check reports the largest relative error over the outputs).
+    ``skip_errors``: an exception in the check or in a pass (a baseline that cannot run a shape, out of memory)
+    gives a record with ms = NaN and note "skipped: <reason>" instead of propagating."""
+    from mmkernels.testing import tolerance
+
+    dtype = expected[0].dtype if isinstance(expected, (list, tuple)) else expected.dtype
+    dname = str(dtype).replace("torch.", "")
+
+    def skipped(pass_: str, e: BaseException) -> Record:
+        if ctx.cuda and isinstance(e, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        nbytes, flops = cost[pass_]
+        return Record(op, case, shape, dname, label, pass_, float("nan"), nbytes, flops,
+                      note=f"{note} skipped: {_reason(e)}".strip()).finish(ctx.copy_gbps)
+
+    try:
+        err = _check_err(fn(*args), expected)
+    except Exception as e:
+        if not skip_errors:
+            raise
+        return [skipped(p, e) for p in ("fwd", "fwd+bwd")]
+    if err > (tolerance(dtype) if tol is None else tol):
         note = f"{note} WRONG: rel err {err:.2e}".strip()
     gargs = tuple(a.detach().requires_grad_(True) if i in grad_args else a for i, a in enumerate(args))
     wrt = tuple(gargs[i] for i in grad_args)
@@ -105,8 +145,15 @@ def measure(ctx: Context, *, op: str, case: str, shape: str, label: str, fn: Cal
     out = []
     for pass_, call in (("fwd", lambda: fn(*args)), ("fwd+bwd", fwd_bwd)):
         nbytes, flops = cost[pass_]
-        out.append(Record(op, case, shape, str(dtype).replace("torch.", ""), label, pass_,
-                          time_ms(call, ctx.device, ctx.quick), nbytes, flops, note=note).finish(ctx.copy_gbps))
+        try:
+            ms = time_ms(call, ctx.device, ctx.quick)
+        except Exception as e:
+            if not skip_errors:
+                raise
+            out.append(skipped(pass_, e))
+            continue
+        out.append(Record(op, case, shape, dname, label, pass_, ms, nbytes, flops, note=note,
+                          rel_err=err).finish(ctx.copy_gbps))
     return out
 
 
@@ -180,19 +227,22 @@ def provenance(device: torch.device, copy_gbps: Optional[float]) -> dict:
 
 
 def table(records: list[Record]) -> str:
-    """A markdown table of the records, grouped by op/case/pass, with speedup vs the first baseline in each group."""
-    head = "| op | case | dtype | pass | impl | ms | GB/s | % copy | speedup vs baseline |"
-    lines = [head, "|" + "---|" * 9]
+    """A markdown table of the records, grouped by op/case/pass, with speedup vs the first baseline in each group.
+    A skipped record (ms NaN) shows "skipped" and gets no speedup."""
+    head = "| op | case | dtype | pass | impl | ms | GB/s | TFLOP/s | % copy | speedup vs baseline |"
+    lines = [head, "|" + "---|" * 10]
     groups: dict[tuple, list[Record]] = {}
     for r in records:
         groups.setdefault((r.op, r.case, r.dtype, r.pass_), []).append(r)
     for (op, case, dtype, pass_), rs in groups.items():
-        baseline = next((r for r in rs if not r.impl.startswith("mmkernels")), None)
+        baseline = next((r for r in rs if not r.impl.startswith("mmkernels") and math.isfinite(r.ms)), None)
         for r in rs:
-            speed = f"{baseline.ms / r.ms:.2f}x vs {baseline.impl}" if baseline and r is not baseline else ""
-            pct = f"{r.pct_copy:.0f}%" if r.pct_copy is not None else "-"
+            ok = math.isfinite(r.ms)
+            speed = f"{baseline.ms / r.ms:.2f}x vs {baseline.impl}" if baseline and ok and r is not baseline else ""
+            pct = f"{r.pct_copy:.0f}%" if r.pct_copy is not None and ok else "-"
+            nums = f"{r.ms:.4f} | {r.gbps:.0f} | {r.tflops:.1f}" if ok else "skipped | - | -"
             lines.append(f"| {op} | {case} {r.shape} | {dtype} | {pass_} | {r.impl}{' ' + r.note if r.note else ''} "
-                         f"| {r.ms:.4f} | {r.gbps:.0f} | {pct} | {speed} |")
+                         f"| {nums} | {pct} | {speed} |")
     return "\n".join(lines)
 
 

@@ -160,10 +160,19 @@ class Op:
         return out
 
 
-def _all_cpu(args, kwargs) -> bool:
+def _tensors(values):
+    """Every tensor in ``values``, looking inside lists and tuples (ops such as joint_attention take streams)."""
     import torch
 
-    return all(a.device.type == "cpu" for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from _tensors(v)
+
+
+def _all_cpu(args, kwargs) -> bool:
+    return all(t.device.type == "cpu" for t in _tensors((*args, *kwargs.values())))
 
 
 OPS: dict[str, Op] = {}

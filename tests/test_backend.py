@@ -35,6 +35,12 @@ def test_auto_is_torch_for_cpu_tensors():
     assert _op().resolve("auto", CPU) == "torch"
 
 
+def test_auto_looks_inside_tensor_lists():
+    """Ops that take streams (joint_attention) pass lists of tensors: a GPU tensor in a list is not a CPU input."""
+    assert _op().resolve("auto", [CPU, (CPU, CPU)]) == "torch"
+    assert _op().resolve("auto", [CPU, (CPU, META)]) == "cuda"
+
+
 def test_explicit_choice_never_falls_back():
     assert _op(experimental_cuda=True).resolve("cuda", META) == "cuda"  # experimental runs when named
     with pytest.raises(BackendError, match="backend 'triton' was requested but cannot run these inputs: triton says no"):

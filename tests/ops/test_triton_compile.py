@@ -27,10 +27,13 @@ def compiled():
 def test_every_kernel_variant_compiles(compiled):
     failed = {k: v["error"] for k, v in compiled.items() if not v["ok"]}
     assert not failed, json.dumps(failed, indent=1)[:4000]
-    assert any(k.startswith("rms_norm_bwd") for k in compiled) and any(k.startswith("rope3d") for k in compiled)
+    for prefix in ("rms_norm_bwd", "rope3d", "joint_attention_fwd", "joint_attention_dkdv", "joint_attention_dq",
+                   "joint_attention_grad", "joint_attention_prep", "joint_attention_delta"):
+        assert any(k.startswith(prefix) for k in compiled), prefix
 
 
 def test_rope_uses_accurate_sin_cos(compiled):
-    for name, r in compiled.items():
-        if name.startswith("rope3d"):
-            assert r["sin_cos"] == ["__nv_cosf", "__nv_sinf"], (name, r["sin_cos"])
+    rotating = [n for n in compiled if n.startswith("rope3d") or (n.startswith("joint_attention") and "rope1" in n)]
+    assert any(n.startswith("joint_attention_fwd") for n in rotating)
+    for name in rotating:
+        assert compiled[name]["sin_cos"] == ["__nv_cosf", "__nv_sinf"], (name, compiled[name]["sin_cos"])

@@ -31,6 +31,58 @@ def _types(dt: str) -> dict:
             "stride_xm": "i64", "stride_dym": "i64", "stride_xb": "i64"}
 
 
+def _attn_types(dt: str) -> dict:
+    ptrs = {n: f"*{dt}" for n in ("X", "W", "Y", "G", "DX", "Q", "QW", "K", "V", "O", "DO", "DOJ", "QJ", "KJ", "VJ")}
+    f32 = {n: "*fp32" for n in ("INV_FREQ", "RSTD", "QRSTD", "LSE", "DELTA", "DWP", "DQJ", "DKJ", "DVJ")}
+    scalars = {n: "fp32" for n in ("eps", "qk_scale", "sm_scale")}
+    strides = {n: "i64" for n in ("sxb", "sxl", "sxc", "syb", "syh", "syl", "sgb", "sgh", "sgl", "sqb", "sql", "sqc",
+                                  "sdb", "sdl", "sdc")}
+    return {**ptrs, **f32, **scalars, **strides}
+
+
+def joint_attention_cases(arch: int, dt: str):
+    """The forward/backward kernels at LaVin-DiT's D=72 (64 + 16 split) and at 64 and 128 (one part), with and
+    without norm/RoPE, at the launchers' GPU block sizes. The full matrix for the production target (sm_90, bf16);
+    D=72 with full norm + RoPE elsewhere (attention kernels are slow to compile on 2 cores)."""
+    import torch
+
+    from mmkernels.ops.joint_attention import triton as ja
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
+    full = arch == 90 and dt == "bf16"
+    fwd = ja._fwd_blocks(dtype)
+    (bm1, bn1), (bm2, bn2), _, _ = ja._bwd_blocks(dtype)
+    prec = ja._prec(dtype)
+    types = _attn_types(dt)
+    dims = ((72, (24, 24, 24)), (64, (20, 22, 22)), (128, (44, 42, 42))) if full else ((72, (24, 24, 24)),)
+    for D, split in dims:
+        DA, DB = ja.head_dim_parts(D)
+        rope = dict(PT=split[0] // 2, PH=split[1] // 2)
+        for norm, use_rope in ((1, True), (2, True), (0, False)) if full else ((1, True),):
+            tag = f"sm{arch}-{dt}-D{D}-norm{norm}-rope{int(use_rope)}"
+            yield (f"joint_attention_fwd-{tag}", ja._attn_fwd_kernel, arch, types,
+                   dict(D=D, DA=DA, DB=DB, NORM=norm, ROPE=use_rope, PREC=prec, BLOCK_M=fwd[0], BLOCK_N=fwd[1],
+                        **rope))
+            heads = 32 if norm == 1 else 8
+            yield (f"joint_attention_prep-{tag}", ja._qk_prep_kernel, arch, types,
+                   dict(H=heads, D=D, NORM=norm, ROPE=use_rope, WRITE_Y=True, WRITE_RSTD=norm == 1, TOKENS=4,
+                        BLOCK_H=heads, BLOCK_D=triton_next_pow2(D), **rope))
+            yield (f"joint_attention_grad-{tag}", ja._qk_grad_kernel, arch, types,
+                   dict(H=heads, D=D, NORM=norm, ROPE=use_rope, BLOCK_H=heads, BLOCK_D=triton_next_pow2(D),
+                        **rope))
+        common = dict(D=D, DA=DA, DB=DB, PREC=prec)
+        yield (f"joint_attention_dkdv-sm{arch}-{dt}-D{D}", ja._attn_bwd_dkdv_kernel, arch, types,
+               dict(BLOCK_M=bm1, BLOCK_N=bn1, **common))
+        yield (f"joint_attention_dq-sm{arch}-{dt}-D{D}", ja._attn_bwd_dq_kernel, arch, types,
+               dict(BLOCK_M=bm2, BLOCK_N=bn2, **common))
+        yield (f"joint_attention_delta-sm{arch}-{dt}-D{D}", ja._bwd_delta_kernel, arch, types,
+               dict(D=D, BLOCK_M=64, BLOCK_D=triton_next_pow2(D)))
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 def cases():
     from mmkernels.ops.rms_norm import triton as rms
     from mmkernels.ops.rope3d import triton as rope
@@ -44,20 +96,32 @@ def cases():
                     yield f"rms_norm_fwd-{tag}", rms._rms_norm_fwd_kernel, arch, _types(dt), const
                     yield f"rms_norm_bwd-{tag}", rms._rms_norm_bwd_kernel, arch, _types(dt), const
             yield f"rope3d-sm{arch}-{dt}", rope._rope3d_kernel, arch, _types(dt), dict(P=36, BLOCK_L=32, BLOCK_P=64)
+            yield from joint_attention_cases(arch, dt)
+
+
+_CASES: list = []
+
+
+def _compile_case(i: int):
+    name, kernel, arch, types, const = _CASES[i]
+    try:
+        ptx = compile_for(kernel, arch, types, const).asm["ptx"]
+        return name, {"ok": True, "error": "",
+                      "sin_cos": sorted(set(re.findall(r"__nv_(?:sin|cos)f|(?:sin|cos)\.approx\.\w+", ptx)))}
+    except Exception as e:  # report every failing variant, not just the first
+        return name, {"ok": False, "error": f"{type(e).__name__}: {e}"[-2000:], "sin_cos": []}
 
 
 def main() -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("run without TRITON_INTERPRET=1", file=sys.stderr)
         return 2
-    results = {}
-    for name, kernel, arch, types, const in cases():
-        try:
-            ptx = compile_for(kernel, arch, types, const).asm["ptx"]
-            results[name] = {"ok": True, "error": "",
-                             "sin_cos": sorted(set(re.findall(r"__nv_(?:sin|cos)f|(?:sin|cos)\.approx\.\w+", ptx)))}
-        except Exception as e:  # report every failing variant, not just the first
-            results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"[-2000:], "sin_cos": []}
+    import multiprocessing
+
+    _CASES.extend(cases())
+    # One process per core (forked, so they inherit the case list): compiling is CPU-bound and independent.
+    with multiprocessing.get_context("fork").Pool(max(1, min(4, os.cpu_count() or 1))) as pool:
+        results = dict(pool.map(_compile_case, range(len(_CASES)), chunksize=1))
     print(json.dumps(results))
     return 0
 
