@@ -2,6 +2,9 @@
 # One device call that builds, tests and benchmarks on a lent GPU (see ../shared/gpu/README.md).
 # Run from the repo root on the GPU machine, with the wheels from ../shared/gpu/fetch_wheels.sh carried as .whl/.
 # Writes build.log, gpu_tests.log, bench.json and bench.md to $OUT (default ./gpu_out).
+# STEPS (default "test,bench") picks what runs after the (incremental) build, so the work can be split over several
+# 10-minute device calls: STEPS=test, then STEPS=bench BENCH_ARGS="--ops joint_attention". PYTEST_ARGS adds
+# pytest arguments (e.g. "-k joint_attention").
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -25,7 +28,12 @@ echo "build: $(( $(date +%s) - start )) s"
 python3 -m mmkernels | tee "$OUT/mmkernels.txt"
 # Every op test runs on the GPU here: CUDA backends, compiled Triton, bf16. (The offline Triton compile check is
 # for GPU-less machines; here the kernels compile for real.)
-python3 -m pytest tests/ops tests/test_backend.py tests/test_build.py tests/test_nn.py -q -x -p no:cacheprovider \
-  --ignore=tests/ops/test_triton_compile.py \
-  2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-python3 -m bench ${BENCH_ARGS:-} --device cuda --out "$OUT/bench.json" --md "$OUT/bench.md" 2>&1 | tail -40
+STEPS=${STEPS:-test,bench}
+if [[ ",$STEPS," == *",test,"* ]]; then
+  python3 -m pytest tests/ops tests/test_backend.py tests/test_build.py tests/test_nn.py tests/nn -q -x \
+    -p no:cacheprovider --ignore=tests/ops/test_triton_compile.py ${PYTEST_ARGS:-} \
+    2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+fi
+if [[ ",$STEPS," == *",bench,"* ]]; then
+  python3 -m bench ${BENCH_ARGS:-} --device cuda --out "$OUT/bench.json" --md "$OUT/bench.md" 2>&1 | tail -40
+fi

@@ -275,8 +275,32 @@ def _run_case(ctx: Context, c: Case, dtype, s: int) -> list[Record]:
         else:
             print(f"joint_attention bench: flash_attn not importable ({flash_why})", flush=True)
 
+        records.extend(_prologue_records(ctx, c, shape, ks, vs, kw, Hq, Hkv, rope_args, dtype, s))
+
     _speedup_notes(records)
     return records
+
+
+def _prologue_records(ctx: Context, c: Case, shape: str, ks, vs, kw, Hq: int, Hkv: int, rope_args, dtype,
+                      s: int) -> list[Record]:
+    """The Triton backend's K/V prologue alone (k~ = RoPE(RMSNorm(k)) and v into the joint buffers), as GB/s: the
+    issue's bar for a separate K-side pass is >= 3.5 TB/s on the H200. Bytes: read k, v (and the k-norm weights),
+    write the two joint buffers."""
+    from bench.common import time_ms
+    from mmkernels.ops.joint_attention import triton as ja
+
+    label = "mmkernels[triton] K/V prologue pass"
+    kv = 2 * c.batch * sum(c.lengths) * Hkv * c.d * s
+    nbytes = 2 * kv + sum(w.numel() for w in kw) * s
+    try:
+        geo = ja._Geometry(ks, Hkv, Hkv, "full", rope_args, ctx.device)  # sizes from k: Hkv heads
+        ms = time_ms(lambda: ja._joint_kv(geo, ks, vs, kw, EPS, "full", dtype, ctx.device), ctx.device, ctx.quick)
+        note = ""
+    except Exception as e:
+        ms, note = float("nan"), f"skipped: {_reason(e)}"
+    dname = str(dtype).replace("torch.", "")
+    return [Record("joint_attention", c.name, shape, dname, label, "prologue", ms, nbytes, 0,
+                   note=note).finish(ctx.copy_gbps)]
 
 
 def _skipped(ctx: Context, c: Case, shape: str, label: str, cost, e: BaseException) -> list[Record]:

@@ -31,6 +31,8 @@ Backward (FA2 scheme, no atomics, so every run gives the same bits; ``determinis
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -480,19 +482,40 @@ def _attn_bwd_dq_kernel(QJ, KJ, VJ, DOJ, LSE, DELTA, DQJ, Ltot, Hq, group, qk_sc
 # Launchers.
 # ---------------------------------------------------------------------------------------------------------------
 
+def _env_ints(name: str, count: int):
+    """Block-size override from the environment (a tuning knob for GPU sessions), validated."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        ints = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        ints = ()
+    if len(ints) != count or any(v < 1 for v in ints):
+        raise ValueError(f"environment variable {name} must hold {count} positive comma-separated ints, got {value!r}")
+    return ints
+
+
 def _fwd_blocks(dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward; MMKERNELS_JA_FWD="128,64,8,3" overrides on GPU."""
     if triton_interpreted():
         return 16, 16, 4, 1
+    env = _env_ints("MMKERNELS_JA_FWD", 4)
+    if env:
+        return env
     if dtype == torch.float32:
         return 64, 32, 4, 2
     return 128, 64, 8, 3
 
 
 def _bwd_blocks(dtype: torch.dtype):
-    """((BLOCK_M, BLOCK_N) of dK/dV, (BLOCK_M, BLOCK_N) of dQ, num_warps, num_stages)."""
+    """((BLOCK_M, BLOCK_N) of dK/dV, (BLOCK_M, BLOCK_N) of dQ, num_warps, num_stages);
+    MMKERNELS_JA_BWD="32,128,128,32,8,2" overrides on GPU."""
     if triton_interpreted():
         return (16, 16), (16, 16), 4, 1
+    env = _env_ints("MMKERNELS_JA_BWD", 6)
+    if env:
+        return (env[0], env[1]), (env[2], env[3]), env[4], env[5]
     if dtype == torch.float32:
         return (16, 64), (64, 16), 4, 2
     return (32, 128), (128, 32), 8, 2
