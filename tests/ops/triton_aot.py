@@ -64,12 +64,13 @@ def joint_attention_cases(arch: int, dt: str):
                    dict(D=D, DA=DA, DB=DB, NORM=norm, ROPE=use_rope, PREC=prec, BLOCK_M=fwd[0], BLOCK_N=fwd[1],
                         **rope))
             heads = 32 if norm == 1 else 8
+            bt, bh, bd, _ = ja._token_block(heads, D)
+            tiles = dict(BLOCK_T=bt, BLOCK_H=bh, BLOCK_D=bd)
             yield (f"joint_attention_prep-{tag}", ja._qk_prep_kernel, arch, types,
-                   dict(H=heads, D=D, NORM=norm, ROPE=use_rope, WRITE_Y=True, WRITE_RSTD=norm == 1, TOKENS=4,
-                        BLOCK_H=heads, BLOCK_D=triton_next_pow2(D), **rope))
-            yield (f"joint_attention_grad-{tag}", ja._qk_grad_kernel, arch, types,
-                   dict(H=heads, D=D, NORM=norm, ROPE=use_rope, BLOCK_H=heads, BLOCK_D=triton_next_pow2(D),
+                   dict(H=heads, D=D, NORM=norm, ROPE=use_rope, WRITE_Y=True, WRITE_RSTD=norm == 1, **tiles,
                         **rope))
+            yield (f"joint_attention_grad-{tag}", ja._qk_grad_kernel, arch, types,
+                   dict(H=heads, D=D, NORM=norm, ROPE=use_rope, **tiles, **rope))
         common = dict(D=D, DA=DA, DB=DB, PREC=prec)
         yield (f"joint_attention_dkdv-sm{arch}-{dt}-D{D}", ja._attn_bwd_dkdv_kernel, arch, types,
                dict(BLOCK_M=bm1, BLOCK_N=bn1, **common))

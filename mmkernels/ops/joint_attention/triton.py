@@ -124,112 +124,111 @@ def _qk_prep_kernel(X, W, INV_FREQ, Y, RSTD, L, tok_off, eps,
                     grid_h, grid_w, off_t, off_h, off_w,
                     H: tl.constexpr, D: tl.constexpr, PT: tl.constexpr, PH: tl.constexpr,
                     NORM: tl.constexpr, ROPE: tl.constexpr, WRITE_Y: tl.constexpr, WRITE_RSTD: tl.constexpr,
-                    TOKENS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """y[b, h, tok_off + t, :] = RoPE(RMSNorm(x[b, t, h*D:(h+1)*D])) for TOKENS tokens; optionally only rstd."""
+                    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """y[b, h, tok_off + t, :] = RoPE(RMSNorm(x[b, t, h*D:(h+1)*D])) for a [BLOCK_T, heads, D] tile of tokens
+    (the whole tile is in flight at once); optionally only the per-token rstd (norm "full")."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    hd_ok = (h < H)[:, None] & d_ok[None, :]
-    col = h[:, None] * D + d[None, :]
+    t3 = t[:, None, None]
+    h3 = h[None, :, None]
+    d3 = d[None, None, :]
+    mask = (t3 < L) & (h3 < H) & (d3 < D)
+    col = h3 * D + d3
+    rows = X + b * sxb + t3.to(tl.int64) * sxl
+    x = tl.load(rows + col * sxc, mask=mask, other=0.0).to(tl.float32)
     if NORM == 1:
-        w_col = col
-    else:
-        w_col = d[None, :] + 0 * h[:, None]
-    if NORM != 0:
-        w = tl.load(W + w_col, mask=hd_ok, other=0.0).to(tl.float32)
-    if ROPE:
-        partner, sign, pair, axis = _rope_cols(d, D, PT, PH)
-        p_col = h[:, None] * D + partner[None, :]
+        r = tl.rsqrt(tl.sum(tl.sum(x * x, 2), 1) / (H * D) + eps)
+        if WRITE_RSTD:
+            tl.store(RSTD + b * L + t, r, mask=t < L)
+        r3 = r[:, None, None]
+    elif NORM == 2:
+        r3 = tl.rsqrt(tl.sum(x * x, 2) / D + eps)[:, :, None]
+    if WRITE_Y:
         if NORM == 1:
-            wp_col = p_col
+            w_col = col
         else:
-            wp_col = partner[None, :] + 0 * h[:, None]
+            w_col = d3 + 0 * h3
         if NORM != 0:
-            wp = tl.load(W + wp_col, mask=hd_ok, other=0.0).to(tl.float32)
-        freq = tl.load(INV_FREQ + pair, mask=d_ok, other=0.0)
-    for i in range(TOKENS):
-        t = pid * TOKENS + i
-        mask = hd_ok & (t < L)
-        row = X + b * sxb + t.to(tl.int64) * sxl
-        x = tl.load(row + col * sxc, mask=mask, other=0.0).to(tl.float32)
-        if NORM == 1:
-            r = tl.rsqrt(tl.sum(tl.sum(x * x, 1), 0) / (H * D) + eps)
-            if WRITE_RSTD:
-                tl.store(RSTD + b * L + t, r, mask=t < L)
-        elif NORM == 2:
-            r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
-        if WRITE_Y:
+            x = x * r3 * tl.load(W + w_col, mask=(h3 < H) & (d3 < D), other=0.0).to(tl.float32)
+        if ROPE:
+            partner, sign, pair, axis = _rope_cols(d, D, PT, PH)
+            p3 = partner[None, None, :]
+            xp = tl.load(rows + (h3 * D + p3) * sxc, mask=mask, other=0.0).to(tl.float32)
             if NORM != 0:
-                x = x * r * w
-            if ROPE:
-                xp = tl.load(row + p_col * sxc, mask=mask, other=0.0).to(tl.float32)
-                if NORM != 0:
-                    xp = xp * r * wp
-                pos = tok_off + t + tl.zeros([1], dtype=tl.int32)
-                theta = _theta(pos, axis, freq, grid_h, grid_w, off_t, off_h, off_w)  # [1, BLOCK_D]
-                x = x * tl.cos(theta) + sign[None, :] * xp * tl.sin(theta)
-            dst = Y + b * syb + h[:, None].to(tl.int64) * syh + (tok_off + t).to(tl.int64) * syl + d[None, :]
-            tl.store(dst, x.to(Y.dtype.element_ty), mask=mask)
+                if NORM == 1:
+                    wp_col = h3 * D + p3
+                else:
+                    wp_col = p3 + 0 * h3
+                xp = xp * r3 * tl.load(W + wp_col, mask=(h3 < H) & (d3 < D), other=0.0).to(tl.float32)
+            freq = tl.load(INV_FREQ + pair, mask=d < D, other=0.0)
+            theta = _theta(tok_off + t, axis, freq, grid_h, grid_w, off_t, off_h, off_w)[:, None, :]
+            x = x * tl.cos(theta) + sign[None, None, :] * xp * tl.sin(theta)
+        dst = Y + b * syb + h3.to(tl.int64) * syh + (tok_off + t3).to(tl.int64) * syl + d3
+        tl.store(dst, x.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _qk_grad_kernel(G, X, W, INV_FREQ, DX, DWP, L, tok_off, eps, tokens_per_prog,
+def _qk_grad_kernel(G, X, W, INV_FREQ, DX, DWP, L, tok_off, eps, blocks_per_prog,
                     sgb, sgh, sgl, sxb, sxl, sxc,
                     grid_h, grid_w, off_t, off_h, off_w,
                     H: tl.constexpr, D: tl.constexpr, PT: tl.constexpr, PH: tl.constexpr,
-                    NORM: tl.constexpr, ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dx for y = RoPE(RMSNorm(x)) from g = dL/dy (joint layout), and this program's dW partial sums."""
+                    NORM: tl.constexpr, ROPE: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dx for y = RoPE(RMSNorm(x)) from g = dL/dy (joint layout), [BLOCK_T, heads, D] tiles at a time, and this
+    program's dW partial sums (fixed order: reproducible)."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    hd_ok = (h < H)[:, None] & d_ok[None, :]
-    col = h[:, None] * D + d[None, :]
-    g_col = h[:, None].to(tl.int64) * sgh + d[None, :]
+    h3 = h[None, :, None]
+    d3 = d[None, None, :]
+    hd_ok = (h3 < H) & (d3 < D)
+    col = h3 * D + d3
     if NORM == 1:
         w_col = col
     else:
-        w_col = d[None, :] + 0 * h[:, None]
+        w_col = d3 + 0 * h3
     if NORM != 0:
         w = tl.load(W + w_col, mask=hd_ok, other=0.0).to(tl.float32)
         dw = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     if ROPE:
         partner, sign, pair, axis = _rope_cols(d, D, PT, PH)
-        gp_col = h[:, None].to(tl.int64) * sgh + partner[None, :]
-        freq = tl.load(INV_FREQ + pair, mask=d_ok, other=0.0)
-    for i in range(tokens_per_prog):
-        t = pid * tokens_per_prog + i
-        mask = hd_ok & (t < L)
-        g_row = G + b.to(tl.int64) * sgb + (tok_off + t).to(tl.int64) * sgl
-        u = tl.load(g_row + g_col, mask=mask, other=0.0).to(tl.float32)
+        freq = tl.load(INV_FREQ + pair, mask=d < D, other=0.0)
+    g_base = G + b.to(tl.int64) * sgb + h3.to(tl.int64) * sgh
+    for i in range(blocks_per_prog):
+        t = (pid * blocks_per_prog + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t3 = t[:, None, None]
+        mask = (t3 < L) & hd_ok
+        g_rows = g_base + (tok_off + t3).to(tl.int64) * sgl
+        u = tl.load(g_rows + d3, mask=mask, other=0.0).to(tl.float32)
         if ROPE:  # the inverse rotation
-            gp = tl.load(g_row + gp_col, mask=mask, other=0.0).to(tl.float32)
-            pos = tok_off + t + tl.zeros([1], dtype=tl.int32)
-            theta = _theta(pos, axis, freq, grid_h, grid_w, off_t, off_h, off_w)
-            u = u * tl.cos(theta) - sign[None, :] * gp * tl.sin(theta)
+            gp = tl.load(g_rows + partner[None, None, :], mask=mask, other=0.0).to(tl.float32)
+            theta = _theta(tok_off + t, axis, freq, grid_h, grid_w, off_t, off_h, off_w)[:, None, :]
+            u = u * tl.cos(theta) - sign[None, None, :] * gp * tl.sin(theta)
         if NORM != 0:
-            x = tl.load(X + b.to(tl.int64) * sxb + t.to(tl.int64) * sxl + col * sxc, mask=mask,
+            x = tl.load(X + b.to(tl.int64) * sxb + t3.to(tl.int64) * sxl + col * sxc, mask=mask,
                         other=0.0).to(tl.float32)
             if NORM == 1:
-                r = tl.rsqrt(tl.sum(tl.sum(x * x, 1), 0) / (H * D) + eps)
+                r3 = tl.rsqrt(tl.sum(tl.sum(x * x, 2), 1) / (H * D) + eps)[:, None, None]
             else:
-                r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
-            n = x * r
-            dw += u * n
+                r3 = tl.rsqrt(tl.sum(x * x, 2) / D + eps)[:, :, None]
+            n = x * r3
+            dw += tl.sum(u * n, 0)
             dn = u * w
             if NORM == 1:
-                u = r * (dn - n * (tl.sum(tl.sum(dn * n, 1), 0) / (H * D)))
+                u = r3 * (dn - n * (tl.sum(tl.sum(dn * n, 2), 1) / (H * D))[:, None, None])
             else:
-                u = r * (dn - n * (tl.sum(dn * n, 1) / D)[:, None])
-        dst = DX + (b.to(tl.int64) * L + t) * (H * D) + col
+                u = r3 * (dn - n * (tl.sum(dn * n, 2) / D)[:, :, None])
+        dst = DX + (b.to(tl.int64) * L + t3) * (H * D) + col
         tl.store(dst, u.to(DX.dtype.element_ty), mask=mask)
+    lin = (b * tl.num_programs(0) + pid).to(tl.int64)
     if NORM == 1:
-        tl.store(DWP + (b * tl.num_programs(0) + pid).to(tl.int64) * (H * D) + col, dw, mask=hd_ok)
+        tl.store(DWP + lin * (H * D) + h[:, None] * D + d[None, :], dw, mask=(h[:, None] < H) & (d[None, :] < D))
     elif NORM == 2:
-        tl.store(DWP + (b * tl.num_programs(0) + pid).to(tl.int64) * D + d, tl.sum(dw, 0), mask=d_ok)
+        tl.store(DWP + lin * D + d, tl.sum(dw, 0), mask=d < D)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -554,24 +553,32 @@ class _Geometry:
         return dict(PT=self.split[0] // 2, PH=self.split[1] // 2, ROPE=self.rope and rope)
 
 
-def _prep(geo: _Geometry, x, weight, heads, s, y=None, rstd=None, eps=0.0, norm="none", rope=True, tokens=4):
+def _token_block(heads: int, D: int) -> tuple[int, int, int, int]:
+    """(BLOCK_T, BLOCK_H, BLOCK_D, num_warps) of the per-token passes: about 4096 elements per tile, so a program
+    keeps several tokens' loads in flight (these passes are bandwidth-bound)."""
+    block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(D)
+    block_t = 2 if triton_interpreted() else max(1, min(16, 4096 // (block_h * block_d)))
+    warps = 4 if block_t * block_h * block_d <= 2048 else 8
+    return block_t, block_h, block_d, warps
+
+
+def _prep(geo: _Geometry, x, weight, heads, s, y=None, rstd=None, eps=0.0, norm="none", rope=True):
     """Launch _qk_prep_kernel for stream ``s``: y (joint [B, heads, Ltot, D]) and/or rstd ([B, L_s]).
     ``rope=False`` skips the rotation (v)."""
     L = x.shape[1]
     if L == 0:
         return
-    tokens = 2 if triton_interpreted() else tokens
     write_y = y is not None
     dst = y if write_y else x
     code = NORM_CODES[norm] if weight is not None else 0
-    block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(geo.D)
+    block_t, block_h, block_d, warps = _token_block(heads, geo.D)
     consts = geo.rope_consts(rope and write_y)
-    _qk_prep_kernel[(triton.cdiv(L, tokens), geo.B)](
+    _qk_prep_kernel[(triton.cdiv(L, block_t), geo.B)](
         x, weight if weight is not None else x, geo.freq, dst, rstd if rstd is not None else geo.freq,
         L, geo.offs[s], eps, x.stride(0), x.stride(1), x.stride(2),
-        *( (y.stride(0), y.stride(1), y.stride(2)) if write_y else (0, 0, 0) ), *geo.rope_args(),
-        H=heads, D=geo.D, NORM=code, WRITE_Y=write_y, WRITE_RSTD=rstd is not None, TOKENS=tokens,
-        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4 if block_h * block_d <= 2048 else 8, **consts)
+        *((y.stride(0), y.stride(1), y.stride(2)) if write_y else (0, 0, 0)), *geo.rope_args(),
+        H=heads, D=geo.D, NORM=code, WRITE_Y=write_y, WRITE_RSTD=rstd is not None, BLOCK_T=block_t,
+        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps, **consts)
 
 
 def _grad(geo: _Geometry, g, x, weight, heads, s, eps, norm, rope=True):
@@ -582,19 +589,21 @@ def _grad(geo: _Geometry, g, x, weight, heads, s, eps, norm, rope=True):
     code = NORM_CODES[norm] if weight is not None else 0
     if L == 0:
         return dx, (torch.zeros_like(weight) if weight is not None else None)
-    progs = min(L, 8 if triton_interpreted() else 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-                // max(1, geo.B))
-    progs = max(1, progs)
-    per = triton.cdiv(L, progs)
-    progs = triton.cdiv(L, per)
+    block_t, block_h, block_d, warps = _token_block(heads, geo.D)
+    blocks = triton.cdiv(L, block_t)
+    if triton_interpreted():
+        progs = min(blocks, 4)
+    else:  # a few programs per SM; each reduces its own dW partial over its token blocks
+        progs = min(blocks, max(1, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count // geo.B))
+    per = triton.cdiv(blocks, progs)
+    progs = triton.cdiv(blocks, per)
     width = weight.numel() if weight is not None else 1
     dwp = torch.empty(geo.B * progs, width, dtype=torch.float32, device=x.device)
-    block_h, block_d = triton.next_power_of_2(heads), triton.next_power_of_2(geo.D)
     _qk_grad_kernel[(progs, geo.B)](
         g, x, weight if weight is not None else x, geo.freq, dx, dwp, L, geo.offs[s], eps, per,
         g.stride(0), g.stride(1), g.stride(2), x.stride(0), x.stride(1), x.stride(2), *geo.rope_args(),
-        H=heads, D=geo.D, NORM=code, BLOCK_H=block_h, BLOCK_D=block_d,
-        num_warps=4 if block_h * block_d <= 2048 else 8, **geo.rope_consts(rope))
+        H=heads, D=geo.D, NORM=code, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps,
+        **geo.rope_consts(rope))
     dw = dwp.sum(0).to(weight.dtype) if weight is not None else None
     return dx, dw
 
