@@ -15,13 +15,17 @@ std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
                                      const std::optional<at::Tensor>& weight, const at::Tensor& rstd);
 at::Tensor rope3d(const at::Tensor& x, const at::Tensor& inv_freq, std::vector<int64_t> grid,
                   std::vector<int64_t> split, std::vector<int64_t> offsets, bool inverse);
+void joint_attention_fwd(const at::Tensor& q, const std::optional<at::Tensor>& q_weight,
+                         const std::optional<at::Tensor>& q_rstd, const std::optional<at::Tensor>& inv_freq,
+                         const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse, int64_t tok_off,
+                         int64_t norm_mode, double eps, std::vector<int64_t> rope, double scale);
 }  // namespace mmk
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "mmkernels CUDA kernels (see mmkernels/ops/*/cuda.py for the Python side)";
   m.def("cuda_archs", [] { return std::string(MMKERNELS_CUDA_ARCHS); },
         "The TORCH_CUDA_ARCH_LIST this extension was compiled for, e.g. '8.0;9.0a'.");
-  m.def("compiled_ops", [] { return std::vector<std::string>{"rms_norm", "rope3d"}; },
+  m.def("compiled_ops", [] { return std::vector<std::string>{"joint_attention", "rms_norm", "rope3d"}; },
         "Names of the ops whose CUDA kernels are compiled into this extension.");
   m.def("rms_norm_fwd", &mmk::rms_norm_fwd, "RMSNorm forward over the last dim of a 2-D [M, N] view.",
         py::arg("x"), py::arg("weight"), py::arg("eps"));
@@ -29,4 +33,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("rstd"));
   m.def("rope3d", &mmk::rope3d, "3D rotate-half RoPE of x [B, L, H, D] (inverse=True rotates by -theta).",
         py::arg("x"), py::arg("inv_freq"), py::arg("grid"), py::arg("split"), py::arg("offsets"), py::arg("inverse"));
+  m.def("joint_attention_fwd", &mmk::joint_attention_fwd,
+        "Joint attention forward of one stream (fp16/bf16, D in 64/72/80/96/128, sm_80+): writes out [B, L, Hq*D] "
+        "and lse[:, :, tok_off:tok_off+L] from raw q [B, L, Hq*D] (norm + RoPE in the prologue) and the joint "
+        "k, v [B, Hkv, Ltot, D]. norm_mode 0/1 (full, needs q_rstd [B, L])/2 (head); rope = [] or [grid_h, grid_w, "
+        "off_t, off_h, off_w, pairs_t, pairs_h]. Layouts: csrc/joint_attention/joint_attention.cu.",
+        py::arg("q"), py::arg("q_weight"), py::arg("q_rstd"), py::arg("inv_freq"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("tok_off"), py::arg("norm_mode"), py::arg("eps"), py::arg("rope"),
+        py::arg("scale"));
 }

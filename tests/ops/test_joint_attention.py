@@ -11,11 +11,18 @@ from mmkernels.ops.joint_attention import reference
 from mmkernels.testing import assert_close, randn
 from tests.ops.common import backend_dtype_params, backend_params, check_compiled
 
-OP_BACKENDS = ("torch", "triton")
+OP_BACKENDS = ("torch", "triton", "cuda")
 
 
 def _only_op_backends(params):
-    return [p for p in params if p.values[0] in OP_BACKENDS]
+    """The op's backends; the cuda backend's kernels are fp16/bf16 only, so its fp32 params are dropped."""
+    return [p for p in params if p.values[0] in OP_BACKENDS
+            and not (p.values[0] == "cuda" and len(p.values) > 2 and p.values[2] == torch.float32)]
+
+
+def _dtype(backend):
+    """The dtype of the tests that are not parametrized over dtypes: fp32, or fp16 for the fp16/bf16-only cuda."""
+    return torch.float16 if backend == "cuda" else torch.float32
 
 
 # (B, lens, Hq, Hkv, D, norm, grid, split): 1-3 streams, norm full/head/None, RoPE None or 3D, GQA groups
@@ -107,13 +114,14 @@ def test_matches_reference(backend, device, dtype, case):
 def test_lse_matches_reference(backend, device):
     case = CASES[0]
     B, lens, Hq, Hkv, D, norm, grid, split = case
-    qs, ks, vs, qw, kw, rope, _ = _inputs(case, torch.float32, device)
+    dtype = _dtype(backend)
+    qs, ks, vs, qw, kw, rope, _ = _inputs(case, dtype, device)
     g, s, base, off = rope.resolve("test", D, sum(lens))
     _, lse = torch.ops.mmkernels.joint_attention_fwd(qs, ks, vs, qw, kw, 1e-6, norm, list(g), list(s), base,
                                                      list(off), Hq, Hkv, D ** -0.5, False, backend)
     _, ref_lse, _ = _reference(case, qs, ks, vs, qw, kw, [torch.zeros(B, L, Hq * D) for L in lens])
     assert lse.shape == (B, Hq, sum(lens)) and lse.dtype == torch.float32
-    assert_close(lse, ref_lse, dtype=torch.float32, what="lse")
+    assert_close(lse, ref_lse, dtype=dtype, what="lse")
 
 
 def test_reference_matches_official_style():
@@ -136,13 +144,14 @@ def test_strided_views_and_expanded_grads(backend, device):
     stride-0 grads that ``out.sum().backward()`` produces."""
     B, lens, Hq, Hkv, D = 1, (11, 6), 2, 1, 64
     case = (B, lens, Hq, Hkv, D, "full", (17, 1, 1), (20, 22, 22))
-    fused = [randn((B, L, (Hq + 2 * Hkv) * D), torch.float32, device) for L in lens]
+    dtype = _dtype(backend)
+    fused = [randn((B, L, (Hq + 2 * Hkv) * D), dtype, device) for L in lens]
     qs = [f[..., :Hq * D] for f in fused]
     ks = [f[..., Hq * D:(Hq + Hkv) * D] for f in fused]
     vs = [f[..., (Hq + Hkv) * D:] for f in fused]
-    ks[1] = randn((B, 2 * Hkv * D, lens[1]), torch.float32, device).transpose(1, 2)[..., ::2]
+    ks[1] = randn((B, 2 * Hkv * D, lens[1]), dtype, device).transpose(1, 2)[..., ::2]
     assert not qs[0].is_contiguous() and ks[1].stride(-1) != 1
-    _, _, _, qw, kw, rope, _ = _inputs(case, torch.float32, device)
+    _, _, _, qw, kw, rope, _ = _inputs(case, dtype, device)
     ref_outs, _, ref_grads = _reference(case, qs, ks, vs, qw, kw, [torch.ones(B, L, Hq * D) for L in lens])
     qs_l, ks_l, vs_l = _leaves(qs, ks, vs)
     with use_backend(backend):
@@ -150,15 +159,15 @@ def test_strided_views_and_expanded_grads(backend, device):
                                          rope=rope)
         sum(o.sum() for o in outs).backward()
     for o, r in zip(outs, ref_outs):
-        assert_close(o, r, dtype=torch.float32, what="output")
+        assert_close(o, r, dtype=dtype, what="output")
     for g, r in zip(_grads(qs_l, ks_l, vs_l), ref_grads):
-        assert_close(g, r, dtype=torch.float32, what="grad")
+        assert_close(g, r, dtype=dtype, what="grad")
 
 
 @pytest.mark.parametrize("backend,device", _only_op_backends(backend_params()))
 def test_deterministic_grads_are_bitwise_equal(backend, device):
     case = CASES[0]
-    qs, ks, vs, qw, kw, rope, dos = _inputs(case, torch.float32, device)
+    qs, ks, vs, qw, kw, rope, dos = _inputs(case, _dtype(backend), device)
     first = _run(backend, case, qs, ks, vs, qw, kw, rope, dos, deterministic=True)[1]
     second = _run(backend, case, qs, ks, vs, qw, kw, rope, dos, deterministic=True)[1]
     for a, b in zip(first, second):
@@ -171,16 +180,17 @@ def test_empty_streams_and_batch(backend, device):
     # A zero-length stream between two others: its output and grads are empty, the others unaffected.
     lens = (5, 0, 4)
     case = (1, lens, Hq, Hkv, D, "full", (9, 1, 1), (20, 22, 22))
-    qs, ks, vs, qw, kw, rope, dos = _inputs(case, torch.float32, device)
+    dtype = _dtype(backend)
+    qs, ks, vs, qw, kw, rope, dos = _inputs(case, dtype, device)
     outs, grads = _run(backend, case, qs, ks, vs, qw, kw, rope, dos)
     ref_outs, _, ref_grads = _reference(case, qs, ks, vs, qw, kw, dos)
     assert outs[1].shape == (1, 0, Hq * D)
     for o, r in zip(outs, ref_outs):
-        assert_close(o, r, dtype=torch.float32, what="output")
+        assert_close(o, r, dtype=dtype, what="output")
     for g, r in zip(grads, ref_grads):
-        assert_close(g, r, dtype=torch.float32, what="grad")
+        assert_close(g, r, dtype=dtype, what="grad")
     # B = 0.
-    q, k = randn((0, 3, Hq * D), torch.float32, device), randn((0, 3, Hkv * D), torch.float32, device)
+    q, k = randn((0, 3, Hq * D), dtype, device), randn((0, 3, Hkv * D), dtype, device)
     with use_backend(backend):
         (o,) = mmkernels.joint_attention([q], [k], [k], num_heads=Hq, num_kv_heads=Hkv)
     assert o.shape == (0, 3, Hq * D)
@@ -190,7 +200,7 @@ def test_empty_streams_and_batch(backend, device):
 def test_opcheck(backend, device):
     case = (1, (5, 3), 2, 1, 64, "head", (2, 2, 2), (20, 22, 22))
     B, lens, Hq, Hkv, D, norm, grid, split = case
-    qs, ks, vs, qw, kw, rope, _ = _inputs(case, torch.float32, device)
+    qs, ks, vs, qw, kw, rope, _ = _inputs(case, _dtype(backend), device)
     g, s, base, off = rope.resolve("test", D, sum(lens))
     qs, ks, vs, qw, kw = _leaves(qs, ks, vs, qw, kw)
     torch.library.opcheck(torch.ops.mmkernels.joint_attention_fwd.default,
@@ -202,16 +212,18 @@ def test_opcheck(backend, device):
 @pytest.mark.parametrize("backend,device", _only_op_backends(backend_params()))
 def test_compiles_fullgraph(backend, device, compiler):
     Hq, Hkv, D = 2, 1, 64
+    dtype = _dtype(backend)
     rope = RoPE3DSpec(grid=(2, 2, 2), split=(20, 22, 22))
-    qw = randn((Hq * D,), torch.float32, device, scale=0.3, shift=1.0)
-    kw = randn((Hkv * D,), torch.float32, device, scale=0.3, shift=1.0)
+    qw = randn((Hq * D,), dtype, device, scale=0.3, shift=1.0)
+    kw = randn((Hkv * D,), dtype, device, scale=0.3, shift=1.0)
 
     def fn(q0, q1, k0, k1, v0, v1):
         outs = mmkernels.joint_attention([q0, q1], [k0, k1], [v0, v1], num_heads=Hq, num_kv_heads=Hkv,
                                          q_norm=[qw, qw], k_norm=[kw, kw], rope=rope)
-        return (outs[0] * outs[0]).sum() + outs[1].sum()
+        o0, o1 = outs[0].float(), outs[1].float()  # an fp32 loss: check_compiled compares at fp32 tolerance
+        return (o0 * o0).sum() + o1.sum()
 
-    inputs = [randn((1, L, H * D), torch.float32, device) for H in (Hq, Hkv, Hkv) for L in (5, 3)]
+    inputs = [randn((1, L, H * D), dtype, device) for H in (Hq, Hkv, Hkv) for L in (5, 3)]
     inputs = [inputs[0], inputs[1], inputs[2], inputs[3], inputs[4], inputs[5]]
     check_compiled(fn, inputs, backend, compiler)
 
@@ -220,7 +232,7 @@ def test_triton_rejects_what_it_cannot_run():
     q = randn((1, 4, 64), torch.float64)
     with use_backend("triton"), pytest.raises(BackendError, match="triton"):
         mmkernels.joint_attention([q], [q], [q], num_heads=1, num_kv_heads=1)
-    with use_backend("cuda"), pytest.raises(BackendError, match="no 'cuda' backend"):
+    with use_backend("cuda"), pytest.raises(BackendError, match="backend 'cuda' was requested"):
         mmkernels.joint_attention([q], [q], [q], num_heads=1, num_kv_heads=1)
 
 
@@ -261,3 +273,15 @@ def _bad(**overrides):
 def test_bad_input_raises_clearly(overrides, exc, match):
     with pytest.raises(exc, match=match):
         _bad(**overrides)
+
+
+def test_autocast_does_not_leak_into_the_op():
+    """Under autocast the op keeps its own precision: fp32 inputs give fp32 outputs, equal to those outside."""
+    case = CASES[0]
+    qs, ks, vs, qw, kw, rope, dos = _inputs(case, torch.float32, "cpu")
+    B, lens, Hq, Hkv, D, norm, grid, split = case
+    plain = _run("torch", case, qs, ks, vs, qw, kw, rope, dos)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = _run("torch", case, qs, ks, vs, qw, kw, rope, dos)
+    for a, b in zip(plain[0] + plain[1], cast[0] + cast[1]):
+        assert b.dtype == torch.float32 and torch.equal(a, b)

@@ -2,12 +2,14 @@
 
 Registered as the custom ops ``mmkernels::joint_attention_fwd`` / ``mmkernels::joint_attention_bwd``
 (torch.library) with fake implementations and autograd, so it passes ``torch.library.opcheck`` and runs under
-``torch.compile(fullgraph=True)``. Backends: ``torch`` (reference.py, also the CPU path) and ``triton``
-(triton.py); see those modules for the math and the fusion design.
+``torch.compile(fullgraph=True)``. Backends: ``torch`` (reference.py, also the CPU path), ``triton`` (triton.py)
+and the experimental ``cuda`` (cuda.py: mma.sync forward kernel, Triton prep and backward); see those modules for
+the math and the fusion design.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional, Sequence
 
@@ -27,16 +29,43 @@ def _triton_supports(qs, ks, vs, *rest) -> _backend.Reason:
     return _backend.triton_supports_tensors(*qs, *ks, *vs, dtypes=_KERNEL_DTYPES)
 
 
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+_CUDA_HEAD_DIMS = (64, 72, 80, 96, 128)  # the head dims csrc/joint_attention instantiates
+
+
+def _cuda_supports(qs, ks, vs, num_heads=None, *rest) -> _backend.Reason:
+    why = _backend.cuda_supports_tensors(*qs, *ks, *vs, dtypes=_CUDA_DTYPES)
+    if why is None and _backend.triton_available() is not None:
+        why = f"its K/V prep and backward are Triton kernels: {_backend.triton_available()}"
+    if why is None and num_heads:
+        D = qs[0].shape[2] // num_heads
+        if D not in _CUDA_HEAD_DIMS:
+            why = f"head dim {D} is not compiled (supported: {', '.join(map(str, _CUDA_HEAD_DIMS))})"
+        elif qs[0].shape[0] * num_heads > 65535:
+            why = f"batch * num_heads = {qs[0].shape[0] * num_heads} is above the kernel's limit of 65535"
+    return why
+
+
 _OP.register(_backend.Backend("torch", "mmkernels.ops.joint_attention.reference"))
 _OP.register(_backend.Backend("triton", "mmkernels.ops.joint_attention.triton", available=_backend.triton_available,
                               supports=_triton_supports))
+_OP.register(_backend.Backend("cuda", "mmkernels.ops.joint_attention.cuda", available=_backend.cuda_available,
+                              supports=_cuda_supports,
+                              experimental="its kernels have not yet passed their tests on a GPU"))
 
 
-def _impl(backend: str, qs, ks, vs):
-    impl = _OP.resolve(backend, qs, ks, vs)
+def _impl(backend: str, qs, ks, vs, num_heads: int):
+    impl = _OP.resolve(backend, qs, ks, vs, num_heads)
     # No tokens or no batch: nothing for a kernel to do; the reference gives every backend the same answer.
     empty = qs[0].shape[0] == 0 or sum(q.shape[1] for q in qs) == 0
     return reference if empty else impl
+
+
+def _no_autocast(t: torch.Tensor):
+    """Autocast does not stop at a custom op: without this, the reference's matmuls would run in the autocast dtype
+    (outputs of another dtype than the fake says, a bf16 LSE). The op defines its own precision."""
+    return torch.autocast(t.device.type, enabled=False) if t.device.type in ("cpu", "cuda") else \
+        contextlib.nullcontext()
 
 
 def _rope_tuple(grid, split, base, offsets):
@@ -49,9 +78,10 @@ def _joint_attention_fwd(qs: Sequence[torch.Tensor], ks: Sequence[torch.Tensor],
                          grid: Sequence[int], split: Sequence[int], base: float, offsets: Sequence[int],
                          num_heads: int, num_kv_heads: int, scale: float, deterministic: bool,
                          backend: str) -> tuple[list[torch.Tensor], torch.Tensor]:
-    outs, lse = _impl(backend, qs, ks, vs).forward(
-        list(qs), list(ks), list(vs), list(q_norm), list(k_norm), eps, norm, _rope_tuple(grid, split, base, offsets),
-        num_heads, num_kv_heads, scale, deterministic)
+    with _no_autocast(qs[0]):
+        outs, lse = _impl(backend, qs, ks, vs, num_heads).forward(
+            list(qs), list(ks), list(vs), list(q_norm), list(k_norm), eps, norm,
+            _rope_tuple(grid, split, base, offsets), num_heads, num_kv_heads, scale, deterministic)
     return list(outs), lse
 
 
@@ -72,9 +102,10 @@ def _joint_attention_bwd(douts: Sequence[torch.Tensor], qs: Sequence[torch.Tenso
                          num_heads: int, num_kv_heads: int, scale: float, deterministic: bool,
                          backend: str) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor],
                                                 list[torch.Tensor], list[torch.Tensor]]:
-    grads = _impl(backend, qs, ks, vs).backward(
-        list(douts), list(qs), list(ks), list(vs), list(q_norm), list(k_norm), list(outs), lse, eps, norm,
-        _rope_tuple(grid, split, base, offsets), num_heads, num_kv_heads, scale, deterministic)
+    with _no_autocast(qs[0]):
+        grads = _impl(backend, qs, ks, vs, num_heads).backward(
+            list(douts), list(qs), list(ks), list(vs), list(q_norm), list(k_norm), list(outs), lse, eps, norm,
+            _rope_tuple(grid, split, base, offsets), num_heads, num_kv_heads, scale, deterministic)
     return tuple(list(g) for g in grads)
 
 

@@ -66,7 +66,8 @@ def _backward(ctx, dy):
 _rope3d.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_split(split, head_dim: int, op: str = "rope3d", name: str = "split") -> tuple[int, int, int]:
+def _check_split(split, head_dim: int, op: str = "rope3d", name: str = "split",
+                 head_dim_is: str = "the head dim (x.shape[-1])") -> tuple[int, int, int]:
     if split is None:
         return reference.default_split(head_dim)
     parts = _checks.int_triple(op, name, split)
@@ -74,7 +75,7 @@ def _check_split(split, head_dim: int, op: str = "rope3d", name: str = "split") 
         raise ValueError(f"mmkernels.{op}: argument '{name}' must hold even, non-negative parts (each chunk "
                          f"rotates halves), got {parts}")
     if sum(parts) != head_dim:
-        raise ValueError(f"mmkernels.{op}: argument '{name}' {parts} sums to {sum(parts)}, but the head dim "
+        raise ValueError(f"mmkernels.{op}: argument '{name}' {parts} sums to {sum(parts)}, but {head_dim_is} "
                          f"is {head_dim}")
     return parts
 
@@ -132,7 +133,7 @@ class RoPE3DSpec:
         if grid[0] * grid[1] * grid[2] != length:
             raise ValueError(f"mmkernels.{op}: rope.grid {grid} holds {grid[0] * grid[1] * grid[2]} tokens, but "
                              f"the sequence has {length}")
-        split = _check_split(self.split, head_dim, op, "rope.split")
+        split = _check_split(self.split, head_dim, op, "rope.split", "the head dim")
         base = _checks.finite_float(op, "rope.base", self.base, positive=True)
         offsets = (0, 0, 0) if self.offsets is None else _checks.int_triple(op, "rope.offsets", self.offsets)
         return grid, split, base, offsets
