@@ -3,8 +3,9 @@
 # Run from the repo root on the GPU machine, with the wheels from ../shared/gpu/fetch_wheels.sh carried as .whl/.
 # Writes build.log, gpu_tests.log, bench.json and bench.md to $OUT (default ./gpu_out).
 # STEPS (default "test,bench") picks what runs after the (incremental) build, so the work can be split over several
-# 10-minute device calls: STEPS=test, then STEPS=bench BENCH_ARGS="--ops joint_attention". PYTEST_ARGS adds
-# pytest arguments (e.g. "-k joint_attention").
+# 10-minute device calls: STEPS=test, then STEPS=bench BENCH_ARGS="--ops joint_attention"; STEPS=tune runs the
+# joint-attention block-size sweep (bench/tune_joint_attention.py). PYTEST_ARGS adds pytest arguments
+# (e.g. "-k joint_attention").
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -36,4 +37,7 @@ if [[ ",$STEPS," == *",test,"* ]]; then
 fi
 if [[ ",$STEPS," == *",bench,"* ]]; then
   python3 -m bench ${BENCH_ARGS:-} --device cuda --out "$OUT/bench.json" --md "$OUT/bench.md" 2>&1 | tail -40
+fi
+if [[ ",$STEPS," == *",tune,"* ]]; then
+  python3 -m bench.tune_joint_attention ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" | tail -40
 fi

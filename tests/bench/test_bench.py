@@ -78,3 +78,15 @@ def test_record_arithmetic_and_speedup_column():
                   flops=0).finish(4000.0)
     assert base.gbps == pytest.approx(2000.0) and base.pct_copy == pytest.approx(50.0)
     assert "2.00x vs F.base" in table([base, ours])
+
+
+def test_tune_script_needs_a_gpu(capsys):
+    """The joint-attention block-size sweep is GPU-only and says so (exit code 2) instead of timing the CPU."""
+    import torch
+
+    from bench import tune_joint_attention
+
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU-only refusal")
+    assert tune_joint_attention.main([]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
