@@ -69,7 +69,7 @@ def _grads(*groups):
     return [t.grad for grp in groups if grp is not None for t in grp]
 
 
-def _reference(case, qs, ks, vs, qw, kw, dos):
+def _reference(case, qs, ks, vs, qw, kw, dos, eps=1e-6):
     """fp64 outputs and grads by autograd through reference.attend (independent of every backward here)."""
     B, lens, Hq, Hkv, D, norm, grid, split = case
     qs, ks, vs, qw, kw = _leaves(*[None if g is None else [t.double() for t in g] for g in (qs, ks, vs, qw, kw)])
@@ -77,7 +77,7 @@ def _reference(case, qs, ks, vs, qw, kw, dos):
         rope = RoPE3DSpec(grid=grid, split=split).resolve("test", D, sum(lens))
     else:
         rope = ((), (), 10000.0, ())
-    outs, lse = reference.attend(qs, ks, vs, qw or [], kw or [], 1e-6, norm or "full", rope, Hq, Hkv, D ** -0.5)
+    outs, lse = reference.attend(qs, ks, vs, qw or [], kw or [], eps, norm or "full", rope, Hq, Hkv, D ** -0.5)
     torch.autograd.backward(outs, [d.double() for d in dos])
     return outs, lse, _grads(qs, ks, vs, qw, kw)
 
@@ -162,6 +162,21 @@ def test_strided_views_and_expanded_grads(backend, device):
         assert_close(o, r, dtype=dtype, what="output")
     for g, r in zip(_grads(qs_l, ks_l, vs_l), ref_grads):
         assert_close(g, r, dtype=dtype, what="grad")
+
+
+@pytest.mark.parametrize("norm", ["full", "head"])
+@pytest.mark.parametrize("backend,device", _only_op_backends(backend_params()))
+def test_zero_eps(backend, device, norm):
+    """norm_eps=0 is allowed: the padded token slots of a kernel tile (rsqrt(0) = inf there) must not leak NaN
+    into the norm-weight gradients. Lengths 5 and 3 leave padding in every tile."""
+    case = (1, (5, 3), 2, 1, 64, norm, (8, 1, 1), (20, 22, 22))
+    qs, ks, vs, qw, kw, rope, dos = _inputs(case, _dtype(backend), device)
+    outs, grads = _run(backend, case, qs, ks, vs, qw, kw, rope, dos, norm_eps=0.0)
+    ref_outs, _, ref_grads = _reference(case, qs, ks, vs, qw, kw, dos, eps=0.0)
+    for o, r in zip(outs, ref_outs):
+        assert_close(o, r, dtype=_dtype(backend), what="output")
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r, dtype=_dtype(backend), what="grad")
 
 
 @pytest.mark.parametrize("backend,device", _only_op_backends(backend_params()))

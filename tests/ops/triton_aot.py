@@ -11,18 +11,23 @@ import sys
 
 
 def compile_for(kernel, arch: int, types: dict, constexprs: dict):
-    """Compile ``kernel`` for sm_<arch>; runtime args not in ``types`` are i32."""
+    """Compile ``kernel`` for sm_<arch>; runtime args not in ``types`` are i32. Pointers carry the 16-byte
+    divisibility hint that the launcher's (torch-allocated) tensors get at run time, and ``num_warps`` /
+    ``num_stages`` among ``constexprs`` become compile options, so the code matches what runs."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    constexprs = dict(constexprs)
+    options = {k: constexprs.pop(k) for k in ("num_warps", "num_stages") if k in constexprs}
     missing = set(constexprs) - set(kernel.arg_names)
     if missing:
         raise ValueError(f"unknown constexprs {missing}")
     sig = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in kernel.arg_names}
-    src = ASTSource(fn=kernel, signature=sig,
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(kernel.arg_names) if sig[n].startswith("*")}
+    src = ASTSource(fn=kernel, signature=sig, attrs=attrs,
                     constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32))
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _types(dt: str) -> dict:
@@ -32,12 +37,10 @@ def _types(dt: str) -> dict:
 
 
 def _attn_types(dt: str) -> dict:
-    ptrs = {n: f"*{dt}" for n in ("X", "W", "Y", "G", "DX", "Q", "QW", "K", "V", "O", "DO", "DOJ", "QJ", "KJ", "VJ")}
-    f32 = {n: "*fp32" for n in ("INV_FREQ", "RSTD", "QRSTD", "LSE", "DELTA", "DWP", "DQJ", "DKJ", "DVJ")}
+    ptrs = {n: f"*{dt}" for n in ("X", "W", "Y", "DX", "Q", "QW", "K", "V", "O", "DO", "DOJ", "QJ", "KJ", "VJ")}
+    f32 = {n: "*fp32" for n in ("G", "INV_FREQ", "RSTD", "QRSTD", "LSE", "DELTA", "DWP", "DQJ", "DKJ", "DVJ")}
     scalars = {n: "fp32" for n in ("eps", "qk_scale", "sm_scale")}
-    strides = {n: "i64" for n in ("sxb", "sxl", "sxc", "syb", "syh", "syl", "sgb", "sgh", "sgl", "sqb", "sql", "sqc",
-                                  "sdb", "sdl", "sdc")}
-    return {**ptrs, **f32, **scalars, **strides}
+    return {**ptrs, **f32, **scalars}  # every other runtime int (strides, sizes) is i32, as at run time
 
 
 def joint_attention_cases(arch: int, dt: str):
@@ -51,7 +54,7 @@ def joint_attention_cases(arch: int, dt: str):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
     full = arch == 90 and dt == "bf16"
     fwd = ja._fwd_blocks(dtype)
-    (bm1, bn1), (bm2, bn2), _, _ = ja._bwd_blocks(dtype)
+    (bm1, bn1), (bm2, bn2), bwd_warps, bwd_stages = ja._bwd_blocks(dtype)
     prec = ja._prec(dtype)
     types = _attn_types(dt)
     dims = ((72, (24, 24, 24)), (64, (20, 22, 22)), (128, (44, 42, 42))) if full else ((72, (24, 24, 24)),)
@@ -62,16 +65,16 @@ def joint_attention_cases(arch: int, dt: str):
             tag = f"sm{arch}-{dt}-D{D}-norm{norm}-rope{int(use_rope)}"
             yield (f"joint_attention_fwd-{tag}", ja._attn_fwd_kernel, arch, types,
                    dict(D=D, DA=DA, DB=DB, NORM=norm, ROPE=use_rope, PREC=prec, BLOCK_M=fwd[0], BLOCK_N=fwd[1],
-                        **rope))
+                        num_warps=fwd[2], num_stages=fwd[3], **rope))
             heads = 32 if norm == 1 else 8
-            bt, bh, bd, _ = ja._token_block(heads, D)
-            tiles = dict(BLOCK_T=bt, BLOCK_H=bh, BLOCK_D=bd)
+            bt, bh, bd, warps = ja._token_block(heads, D)
+            tiles = dict(BLOCK_T=bt, BLOCK_H=bh, BLOCK_D=bd, num_warps=warps)
             yield (f"joint_attention_prep-{tag}", ja._qk_prep_kernel, arch, types,
                    dict(H=heads, D=D, NORM=norm, ROPE=use_rope, WRITE_Y=True, WRITE_RSTD=norm == 1, **tiles,
                         **rope))
             yield (f"joint_attention_grad-{tag}", ja._qk_grad_kernel, arch, types,
                    dict(H=heads, D=D, NORM=norm, ROPE=use_rope, **tiles, **rope))
-        common = dict(D=D, DA=DA, DB=DB, PREC=prec)
+        common = dict(D=D, DA=DA, DB=DB, PREC=prec, num_warps=bwd_warps, num_stages=bwd_stages)
         yield (f"joint_attention_dkdv-sm{arch}-{dt}-D{D}", ja._attn_bwd_dkdv_kernel, arch, types,
                dict(BLOCK_M=bm1, BLOCK_N=bn1, **common))
         yield (f"joint_attention_dq-sm{arch}-{dt}-D{D}", ja._attn_bwd_dq_kernel, arch, types,

@@ -120,7 +120,7 @@ def _q_tile(rows, ok, pos, r, W, w_off, INV_FREQ, sxc, d, grid_h, grid_w, off_t,
 
 @triton.jit
 def _qk_prep_kernel(X, W, INV_FREQ, Y, RSTD, L, tok_off, eps,
-                    sxb, sxl, sxc, syb, syh, syl,
+                    sxb, sxl, sxc, syb, syh,
                     grid_h, grid_w, off_t, off_h, off_w,
                     H: tl.constexpr, D: tl.constexpr, PT: tl.constexpr, PH: tl.constexpr,
                     NORM: tl.constexpr, ROPE: tl.constexpr, WRITE_Y: tl.constexpr, WRITE_RSTD: tl.constexpr,
@@ -166,13 +166,15 @@ def _qk_prep_kernel(X, W, INV_FREQ, Y, RSTD, L, tok_off, eps,
             freq = tl.load(INV_FREQ + pair, mask=d < D, other=0.0)
             theta = _theta(tok_off + t, axis, freq, grid_h, grid_w, off_t, off_h, off_w)[:, None, :]
             x = x * tl.cos(theta) + sign[None, None, :] * xp * tl.sin(theta)
-        dst = Y + b * syb + h3.to(tl.int64) * syh + (tok_off + t3).to(tl.int64) * syl + d3
+        # Joint buffers are contiguous: the token stride is the constexpr D (72 as a runtime int would block
+        # vector stores, being no multiple of 16).
+        dst = Y + b * syb + h3.to(tl.int64) * syh + (tok_off + t3).to(tl.int64) * D + d3
         tl.store(dst, x.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _qk_grad_kernel(G, X, W, INV_FREQ, DX, DWP, L, tok_off, eps, blocks_per_prog,
-                    sgb, sgh, sgl, sxb, sxl, sxc,
+                    sgb, sgh, sxb, sxl, sxc,
                     grid_h, grid_w, off_t, off_h, off_w,
                     H: tl.constexpr, D: tl.constexpr, PT: tl.constexpr, PH: tl.constexpr,
                     NORM: tl.constexpr, ROPE: tl.constexpr,
@@ -202,7 +204,7 @@ def _qk_grad_kernel(G, X, W, INV_FREQ, DX, DWP, L, tok_off, eps, blocks_per_prog
         t = (pid * blocks_per_prog + i) * BLOCK_T + tl.arange(0, BLOCK_T)
         t3 = t[:, None, None]
         mask = (t3 < L) & hd_ok
-        g_rows = g_base + (tok_off + t3).to(tl.int64) * sgl
+        g_rows = g_base + (tok_off + t3).to(tl.int64) * D  # contiguous joint buffer (see the prep kernel)
         u = tl.load(g_rows + d3, mask=mask, other=0.0).to(tl.float32)
         if ROPE:  # the inverse rotation
             gp = tl.load(g_rows + partner[None, None, :], mask=mask, other=0.0).to(tl.float32)
@@ -215,7 +217,7 @@ def _qk_grad_kernel(G, X, W, INV_FREQ, DX, DWP, L, tok_off, eps, blocks_per_prog
                 r3 = tl.rsqrt(tl.sum(tl.sum(x * x, 2), 1) / (H * D) + eps)[:, None, None]
             else:
                 r3 = tl.rsqrt(tl.sum(x * x, 2) / D + eps)[:, :, None]
-            n = x * r3
+            n = tl.where(mask, x * r3, 0.0)  # padded slots: rsqrt(0 + eps) is inf when eps == 0
             dw += tl.sum(u * n, 0)
             dn = u * w
             if NORM == 1:
@@ -249,14 +251,17 @@ def _fwd_step(qA, qB, accA, accB, m_i, l_i, k_base, v_base, start_n, Ltot, qk_sc
     s = tl.dot(qA, kA, input_precision=PREC)
     if DB > 0:
         dB = DA + tl.arange(0, DB)
-        kB = tl.load(k_base + n[None, :] * D + dB[:, None], mask=(dB < D)[:, None] & n_ok[None, :], other=0.0)
+        if MASK:
+            kB = tl.load(k_base + n[None, :] * D + dB[:, None], mask=(dB < D)[:, None] & n_ok[None, :], other=0.0)
+        else:
+            kB = tl.load(k_base + n[None, :] * D + dB[:, None], mask=(dB < D)[:, None], other=0.0)
         s = tl.dot(qB, kB, s, input_precision=PREC)
-    s = s * qk_scale
     if MASK:
         s = tl.where(n_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # Scores stay unscaled: the scale folds into the max and into one FMA per score (exp2 domain).
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     pv = p.to(v_base.dtype.element_ty)
     if MASK:
@@ -265,7 +270,10 @@ def _fwd_step(qA, qB, accA, accB, m_i, l_i, k_base, v_base, start_n, Ltot, qk_sc
         vA = tl.load(v_base + n[:, None] * D + dA[None, :])
     accA = tl.dot(pv, vA, accA * alpha[:, None], input_precision=PREC)
     if DB > 0:
-        vB = tl.load(v_base + n[:, None] * D + dB[None, :], mask=n_ok[:, None] & (dB < D)[None, :], other=0.0)
+        if MASK:
+            vB = tl.load(v_base + n[:, None] * D + dB[None, :], mask=n_ok[:, None] & (dB < D)[None, :], other=0.0)
+        else:
+            vB = tl.load(v_base + n[:, None] * D + dB[None, :], mask=(dB < D)[None, :], other=0.0)
         accB = tl.dot(pv, vB, accB * alpha[:, None], input_precision=PREC)
     return accA, accB, m_new, l_i
 
@@ -576,7 +584,7 @@ def _prep(geo: _Geometry, x, weight, heads, s, y=None, rstd=None, eps=0.0, norm=
     _qk_prep_kernel[(triton.cdiv(L, block_t), geo.B)](
         x, weight if weight is not None else x, geo.freq, dst, rstd if rstd is not None else geo.freq,
         L, geo.offs[s], eps, x.stride(0), x.stride(1), x.stride(2),
-        *((y.stride(0), y.stride(1), y.stride(2)) if write_y else (0, 0, 0)), *geo.rope_args(),
+        *((y.stride(0), y.stride(1)) if write_y else (0, 0)), *geo.rope_args(),
         H=heads, D=geo.D, NORM=code, WRITE_Y=write_y, WRITE_RSTD=rstd is not None, BLOCK_T=block_t,
         BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps, **consts)
 
@@ -601,7 +609,7 @@ def _grad(geo: _Geometry, g, x, weight, heads, s, eps, norm, rope=True):
     dwp = torch.empty(geo.B * progs, width, dtype=torch.float32, device=x.device)
     _qk_grad_kernel[(progs, geo.B)](
         g, x, weight if weight is not None else x, geo.freq, dx, dwp, L, geo.offs[s], eps, per,
-        g.stride(0), g.stride(1), g.stride(2), x.stride(0), x.stride(1), x.stride(2), *geo.rope_args(),
+        g.stride(0), g.stride(1), x.stride(0), x.stride(1), x.stride(2), *geo.rope_args(),
         H=heads, D=geo.D, NORM=code, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=warps,
         **geo.rope_consts(rope))
     dw = dwp.sum(0).to(weight.dtype) if weight is not None else None
