@@ -37,3 +37,15 @@ def test_rope_uses_accurate_sin_cos(compiled):
     assert any(n.startswith("joint_attention_fwd") for n in rotating)
     for name in rotating:
         assert compiled[name]["sin_cos"] == ["__nv_cosf", "__nv_sinf"], (name, compiled[name]["sin_cos"])
+
+
+# Opt-in shared memory per block: 227 KB on Hopper (H100/H200), 163 KB on the A100 (sm_80). A kernel above it
+# compiles but fails to launch, so its block sizes must shrink (as the joint attention ones do for D > 128).
+SMEM_LIMIT = {"sm90": 227 * 1024, "sm80": 163 * 1024}
+
+
+def test_every_kernel_fits_shared_memory(compiled):
+    over = {name: r["shared"] for name, r in compiled.items()
+            for arch, limit in SMEM_LIMIT.items() if f"-{arch}-" in f"-{name}-".replace("_", "-") and r["shared"] > limit}
+    assert not over, over
+    assert any(r["shared"] > 0 for r in compiled.values())

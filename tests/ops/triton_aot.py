@@ -53,13 +53,14 @@ def joint_attention_cases(arch: int, dt: str):
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dt]
     full = arch == 90 and dt == "bf16"
-    fwd = ja._fwd_blocks(dtype)
-    (bm1, bn1), (bm2, bn2), bwd_warps, bwd_stages = ja._bwd_blocks(dtype)
     prec = ja._prec(dtype)
     types = _attn_types(dt)
-    dims = ((72, (24, 24, 24)), (64, (20, 22, 22)), (128, (44, 42, 42))) if full else ((72, (24, 24, 24)),)
+    dims = ((72, (24, 24, 24)), (64, (20, 22, 22)), (128, (44, 42, 42)), (256, (84, 86, 86))) if full else \
+        ((72, (24, 24, 24)), (256, (84, 86, 86)))
     for D, split in dims:
         DA, DB = ja.head_dim_parts(D)
+        fwd = ja._fwd_blocks(dtype, D)
+        (bm1, bn1), (bm2, bn2), bwd_warps, bwd_stages = ja._bwd_blocks(dtype, D)
         rope = dict(PT=split[0] // 2, PH=split[1] // 2)
         for norm, use_rope in ((1, True), (2, True), (0, False)) if full else ((1, True),):
             tag = f"sm{arch}-{dt}-D{D}-norm{norm}-rope{int(use_rope)}"
@@ -109,11 +110,12 @@ _CASES: list = []
 def _compile_case(i: int):
     name, kernel, arch, types, const = _CASES[i]
     try:
-        ptx = compile_for(kernel, arch, types, const).asm["ptx"]
-        return name, {"ok": True, "error": "",
+        compiled = compile_for(kernel, arch, types, const)
+        ptx = compiled.asm["ptx"]
+        return name, {"ok": True, "error": "", "shared": int(compiled.metadata.shared),
                       "sin_cos": sorted(set(re.findall(r"__nv_(?:sin|cos)f|(?:sin|cos)\.approx\.\w+", ptx)))}
     except Exception as e:  # report every failing variant, not just the first
-        return name, {"ok": False, "error": f"{type(e).__name__}: {e}"[-2000:], "sin_cos": []}
+        return name, {"ok": False, "error": f"{type(e).__name__}: {e}"[-2000:], "sin_cos": [], "shared": 0}
 
 
 def main() -> int:

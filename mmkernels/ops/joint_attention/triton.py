@@ -503,19 +503,20 @@ def _env_ints(name: str, count: int):
     return ints
 
 
-def _fwd_blocks(dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward; MMKERNELS_JA_FWD="128,64,8,3" overrides on GPU."""
+def _fwd_blocks(dtype: torch.dtype, D: int):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward; MMKERNELS_JA_FWD="128,64,8,3" overrides on GPU.
+    Head dims above 128 and fp32 take smaller tiles so that the K/V stages fit in shared memory."""
     if triton_interpreted():
         return 16, 16, 4, 1
     env = _env_ints("MMKERNELS_JA_FWD", 4)
     if env:
         return env
     if dtype == torch.float32:
-        return 64, 32, 4, 2
-    return 128, 64, 8, 3
+        return (64, 32, 4, 2) if D <= 128 else (32, 32, 4, 2)
+    return (128, 64, 8, 3) if D <= 128 else (64, 32, 4, 2)
 
 
-def _bwd_blocks(dtype: torch.dtype):
+def _bwd_blocks(dtype: torch.dtype, D: int):
     """((BLOCK_M, BLOCK_N) of dK/dV, (BLOCK_M, BLOCK_N) of dQ, num_warps, num_stages);
     MMKERNELS_JA_BWD="32,128,128,32,8,2" overrides on GPU."""
     if triton_interpreted():
@@ -524,8 +525,8 @@ def _bwd_blocks(dtype: torch.dtype):
     if env:
         return (env[0], env[1]), (env[2], env[3]), env[4], env[5]
     if dtype == torch.float32:
-        return (16, 64), (64, 16), 4, 2
-    return (32, 128), (128, 32), 8, 2
+        return ((16, 64), (64, 16), 4, 2) if D <= 128 else ((16, 32), (32, 16), 4, 1)
+    return ((32, 128), (128, 32), 8, 2) if D <= 128 else ((16, 64), (64, 16), 4, 2)
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -633,7 +634,7 @@ def forward(qs, ks, vs, q_norm, k_norm, eps, norm, rope, num_heads, num_kv_heads
     geo = _Geometry(qs, num_heads, num_kv_heads, norm, rope, device)
     kj, vj = _joint_kv(geo, ks, vs, k_norm, eps, norm, dtype, device)
     lse = torch.empty(geo.B, geo.Hq, geo.Ltot, dtype=torch.float32, device=device)
-    bm, bn, warps, stages = _fwd_blocks(dtype)
+    bm, bn, warps, stages = _fwd_blocks(dtype, geo.D)
     outs = []
     for s, q in enumerate(qs):
         L = q.shape[1]
@@ -678,7 +679,7 @@ def backward(douts, qs, ks, vs, q_norm, k_norm, outs, lse, eps, norm, rope, num_
                 do, o, doj, delta, L, Ltot, geo.offs[s], Hq, do.stride(0), do.stride(1), do.stride(2),
                 D=D, BLOCK_M=bm_delta, BLOCK_D=block_d, num_warps=4)
 
-    (bm1, bn1), (bm2, bn2), warps, stages = _bwd_blocks(dtype)
+    (bm1, bn1), (bm2, bn2), warps, stages = _bwd_blocks(dtype, D)
     dkj = torch.empty(B, Hkv, Ltot, D, dtype=torch.float32, device=device)
     dvj = torch.empty_like(dkj)
     dqj = torch.empty(B, Hq, Ltot, D, dtype=torch.float32, device=device)
