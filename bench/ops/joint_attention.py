@@ -126,19 +126,12 @@ def _shape(c: Case) -> str:
     return f"[B={c.batch}, L={streams}, Hq={c.hq}, Hkv={c.hkv}, D={c.d}{extra}]"
 
 
-def _pre_normed(xs, weights, heads: int, rope: tuple, dtype) -> torch.Tensor:
-    """[B, Ltot, heads, D] joint q~ or k~ (RMSNorm + RoPE in fp32, one rounding to ``dtype``), or the joint v when
-    ``weights`` is None and ``rope`` is None."""
-    parts, off = [], 0
-    for i, x in enumerate(xs):
-        if rope is None:
-            y = x.view(x.shape[0], x.shape[1], heads, x.shape[2] // heads)
-        else:
-            y = reference.qk_transform(x, weights[i] if weights else None, heads, "full", EPS, *rope,
-                                       token_offset=off)
-        parts.append(y.to(dtype))
-        off += x.shape[1]
-    return torch.cat(parts, dim=1).contiguous()
+def _pre_normed(xs, weights, heads: int, rope: Optional[tuple]) -> torch.Tensor:
+    """[B, Ltot, heads, D] joint q~ or k~ (RMSNorm + RoPE in fp32, one rounding: the op's definition), or the
+    joint v when ``rope`` is None."""
+    if rope is None:
+        return reference.joint_heads(xs, (), heads, "full", EPS, ((), (), 10000.0, ()), False).transpose(1, 2)
+    return reference.joint_heads(xs, weights or (), heads, "full", EPS, rope, True).transpose(1, 2).contiguous()
 
 
 def run(ctx: Context) -> list[Record]:
@@ -180,9 +173,9 @@ def _run_case(ctx: Context, c: Case, dtype, s: int) -> list[Record]:
 
     # Pre-normed joint inputs [B, Ltot, H, D] (outside every timed region), the expected output, upstream grads.
     with torch.no_grad():
-        q_blhd = _pre_normed(qs, qw, Hq, rope_args, dtype)
-        k_blhd = _pre_normed(ks, kw, Hkv, rope_args, dtype)
-        v_blhd = _pre_normed(vs, None, Hkv, None, dtype)
+        q_blhd = _pre_normed(qs, qw, Hq, rope_args)
+        k_blhd = _pre_normed(ks, kw, Hkv, rope_args)
+        v_blhd = _pre_normed(vs, None, Hkv, None).contiguous()
         q_bhld = q_blhd.transpose(1, 2).contiguous()
         k_bhld = k_blhd.transpose(1, 2).contiguous()
         v_bhld = v_blhd.transpose(1, 2).contiguous()

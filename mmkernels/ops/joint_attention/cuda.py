@@ -41,12 +41,7 @@ def forward(qs, ks, vs, q_norm, k_norm, eps, norm, rope, num_heads, num_kv_heads
         outs.append(o)
         if L == 0:
             continue
-        w = q_norm[s] if len(q_norm) else None
-        code = _triton.NORM_CODES[norm] if w is not None else 0
-        rstd = None
-        if code == 1:  # the RMS spans all heads of a token: one small Triton pass computes it
-            rstd = torch.empty(geo.B, L, dtype=torch.float32, device=device)
-            _triton._prep(geo, q, w, geo.Hq, s, rstd=rstd, eps=eps, norm=norm)
+        w, code, rstd = _triton._q_norm_args(geo, q, q_norm, s, eps, norm)
         if q.shape[2] > 1 and q.stride(2) != 1:  # the kernel reads rows through their strides, columns densely
             q = q.contiguous()
         C.joint_attention_fwd(q, w if code else None, rstd, freq, kj, vj, o, lse, geo.offs[s], code, float(eps),

@@ -62,23 +62,12 @@ def qk_transform(x: torch.Tensor, weight: Optional[torch.Tensor], heads: int, no
         xf = xf.view(B, L, heads, D)
     if len(grid) == 0 or L == 0:
         return xf
-    # RoPE over the joint grid, keeping only this stream's rows of the angle table.
-    pieces = []
-    thetas = [t[token_offset:token_offset + L] for t in rope_ref.angles(tuple(grid), tuple(split), base,
-                                                                         tuple(offsets), x.device)]
-    for chunk, theta in zip(xf.split(list(split), dim=-1), thetas):
-        if chunk.shape[-1] == 0:
-            continue
-        half = chunk.shape[-1] // 2
-        cos = theta.cos().to(xf.dtype)[None, :, None, :]
-        sin = theta.sin().to(xf.dtype)[None, :, None, :]
-        x1, x2 = chunk[..., :half], chunk[..., half:]
-        pieces.append(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1))
-    return torch.cat(pieces, dim=-1)
+    return _rotate(xf, (grid, split, base, offsets), token_offset, 1.0)
 
 
-def _joint(xs: Tensors, weights: Tensors, heads: int, norm: str, eps: float, rope: tuple, transform: bool):
-    """[B, heads, Ltot, D] joint tensor in the input dtype: transformed (q, k) or plain (v)."""
+def joint_heads(xs: Tensors, weights: Tensors, heads: int, norm: str, eps: float, rope: tuple, transform: bool):
+    """[B, heads, Ltot, D] joint tensor in the input dtype: q~ / k~ (``transform``: norm when ``weights`` is
+    non-empty, RoPE when the rope grid is non-empty) or the plain joint v."""
     parts, off = [], 0
     for s, x in enumerate(xs):
         if transform:
@@ -112,9 +101,9 @@ def attend(qs: Tensors, ks: Tensors, vs: Tensors, q_norm: Tensors, k_norm: Tenso
 
     ``rope`` is (grid, split, base, offsets), with an empty grid for no RoPE.
     """
-    q = _joint(qs, q_norm, num_heads, norm, eps, rope, True)
-    k = _joint(ks, k_norm, num_kv_heads, norm, eps, rope, True)
-    v = _joint(vs, (), num_kv_heads, norm, eps, rope, False)
+    q = joint_heads(qs, q_norm, num_heads, norm, eps, rope, True)
+    k = joint_heads(ks, k_norm, num_kv_heads, norm, eps, rope, True)
+    v = joint_heads(vs, (), num_kv_heads, norm, eps, rope, False)
     group = num_heads // num_kv_heads
     ke = k.repeat_interleave(group, dim=1)
     ve = v.repeat_interleave(group, dim=1)
@@ -143,16 +132,7 @@ def _rotate(x: torch.Tensor, rope: tuple, token_offset: int, sign: float) -> tor
     grid, split, base, offsets = rope
     thetas = [t[token_offset:token_offset + x.shape[1]] for t in rope_ref.angles(tuple(grid), tuple(split), base,
                                                                                  tuple(offsets), x.device)]
-    pieces = []
-    for chunk, theta in zip(x.split(list(split), dim=-1), thetas):
-        if chunk.shape[-1] == 0:
-            continue
-        half = chunk.shape[-1] // 2
-        cos = theta.cos().to(x.dtype)[None, :, None, :]
-        sin = (sign * theta.sin()).to(x.dtype)[None, :, None, :]
-        x1, x2 = chunk[..., :half], chunk[..., half:]
-        pieces.append(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1))
-    return torch.cat(pieces, dim=-1)
+    return rope_ref.rotate(x, thetas, split, sign)
 
 
 def _chain_grad(g: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], heads: int, norm: str,
@@ -188,9 +168,9 @@ def backward(douts, qs, ks, vs, q_norm, k_norm, outs, lse, eps, norm, rope, num_
     the rotation and the norm. Memory is O(chunk * Ltot). Returns (dqs, dks, dvs, dq_norm, dk_norm)."""
     del deterministic  # plain matmuls and sums: reproducible
     acc = compute_dtype(qs[0].dtype)
-    q = _joint(qs, q_norm, num_heads, norm, eps, rope, True).to(acc)
-    k = _joint(ks, k_norm, num_kv_heads, norm, eps, rope, True).to(acc)
-    v = _joint(vs, (), num_kv_heads, norm, eps, rope, False).to(acc)
+    q = joint_heads(qs, q_norm, num_heads, norm, eps, rope, True).to(acc)
+    k = joint_heads(ks, k_norm, num_kv_heads, norm, eps, rope, True).to(acc)
+    v = joint_heads(vs, (), num_kv_heads, norm, eps, rope, False).to(acc)
     B, Hq, Ltot, D = q.shape
     group = num_heads // num_kv_heads
     ke = k.repeat_interleave(group, dim=1)

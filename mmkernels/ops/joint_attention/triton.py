@@ -617,6 +617,18 @@ def _grad(geo: _Geometry, g, x, weight, heads, s, eps, norm, rope=True):
     return dx, dw
 
 
+def _q_norm_args(geo: _Geometry, q, q_norm, s: int, eps: float, norm: str):
+    """(weight or None, norm code, rstd or None) for stream ``s``'s queries in the attention prologue. A full-width
+    RMS spans all heads of a token, which no attention program sees, so one prep pass computes it ([B, L_s])."""
+    w = q_norm[s] if len(q_norm) else None
+    code = NORM_CODES[norm] if w is not None else 0
+    rstd = None
+    if code == 1:
+        rstd = torch.empty(geo.B, q.shape[1], dtype=torch.float32, device=q.device)
+        _prep(geo, q, w, geo.Hq, s, rstd=rstd, eps=eps, norm=norm)
+    return w, code, rstd
+
+
 def _joint_kv(geo: _Geometry, ks, vs, k_norm, eps, norm, dtype, device):
     kj = torch.empty(geo.B, geo.Hkv, geo.Ltot, geo.D, dtype=dtype, device=device)
     vj = torch.empty_like(kj)
@@ -642,12 +654,7 @@ def forward(qs, ks, vs, q_norm, k_norm, eps, norm, rope, num_heads, num_kv_heads
         outs.append(o)
         if L == 0:
             continue
-        w = q_norm[s] if len(q_norm) else None
-        code = NORM_CODES[norm] if w is not None else 0
-        rstd = None
-        if code == 1:
-            rstd = torch.empty(geo.B, L, dtype=torch.float32, device=device)
-            _prep(geo, q, w, geo.Hq, s, rstd=rstd, eps=eps, norm=norm)
+        w, code, rstd = _q_norm_args(geo, q, q_norm, s, eps, norm)
         _attn_fwd_kernel[(triton.cdiv(L, bm), geo.B * geo.Hq)](
             q, w if w is not None else q, rstd if rstd is not None else lse, geo.freq, kj, vj, o, lse,
             L, geo.Ltot, geo.offs[s], geo.Hq, geo.group, scale * LOG2E, eps,

@@ -81,24 +81,27 @@ def angles(grid: Triple, split: Triple, base: float, offsets: Triple, device=Non
     return out
 
 
+def rotate(x: torch.Tensor, thetas: Sequence[torch.Tensor], split: Sequence[int], sign: float = 1.0) -> torch.Tensor:
+    """Rotate-half of x [B, L, H, D] in x's dtype by ``sign`` * the per-axis angles ``thetas[a]`` [L, d_a/2]
+    (as :func:`angles` gives them, possibly sliced to a range of tokens); sign -1 is the inverse rotation."""
+    pieces = []
+    for chunk, theta in zip(x.split(list(split), dim=-1), thetas):
+        if chunk.shape[-1] == 0:
+            continue
+        half = chunk.shape[-1] // 2
+        cos = theta.cos().to(x.dtype)[None, :, None, :]
+        sin = (sign * theta.sin()).to(x.dtype)[None, :, None, :]
+        x1, x2 = chunk[..., :half], chunk[..., half:]
+        pieces.append(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1))
+    return torch.cat(pieces, dim=-1) if pieces else x
+
+
 def rope3d(x: torch.Tensor, grid: Triple, split: Triple, base: float = 10000.0, offsets: Triple = (0, 0, 0),
            inverse: bool = False) -> torch.Tensor:
     """Differentiable reference, per the module docstring (fp32 math, one rounding)."""
     thetas = angles(grid, split, base, offsets, x.device)
     xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp64 stays fp64 (ground truth for tests)
-    pieces = []
-    for chunk, theta in zip(xf.split(list(split), dim=-1), thetas):
-        if chunk.shape[-1] == 0:
-            continue
-        half = chunk.shape[-1] // 2
-        cos = theta.cos().to(xf.dtype)[None, :, None, :]
-        sin = theta.sin().to(xf.dtype)[None, :, None, :]
-        if inverse:
-            sin = -sin
-        x1, x2 = chunk[..., :half], chunk[..., half:]
-        pieces.append(torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1))
-    out = torch.cat(pieces, dim=-1) if pieces else xf
-    return out.to(x.dtype).contiguous()
+    return rotate(xf, thetas, split, -1.0 if inverse else 1.0).to(x.dtype).contiguous()
 
 
 def forward(x: torch.Tensor, grid: Triple, split: Triple, base: float, offsets: Triple, inverse: bool) -> torch.Tensor:
