@@ -19,6 +19,10 @@ void joint_attention_fwd(const at::Tensor& q, const std::optional<at::Tensor>& q
                          const std::optional<at::Tensor>& q_rstd, const std::optional<at::Tensor>& inv_freq,
                          const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse, int64_t tok_off,
                          int64_t norm_mode, double eps, std::vector<int64_t> rope, double scale);
+void joint_attention_fwd_sm90(const at::Tensor& q, const std::optional<at::Tensor>& q_weight,
+                              const std::optional<at::Tensor>& q_rstd, const std::optional<at::Tensor>& inv_freq,
+                              const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+                              int64_t tok_off, int64_t norm_mode, double eps, std::vector<int64_t> rope, double scale);
 }  // namespace mmk
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -38,6 +42,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "and lse[:, :, tok_off:tok_off+L] from raw q [B, L, Hq*D] (norm + RoPE in the prologue) and the joint "
         "k, v [B, Hkv, Ltot, D]. norm_mode 0/1 (full, needs q_rstd [B, L])/2 (head); rope = [] or [grid_h, grid_w, "
         "off_t, off_h, off_w, pairs_t, pairs_h]. Layouts: csrc/joint_attention/joint_attention.cu.",
+        py::arg("q"), py::arg("q_weight"), py::arg("q_rstd"), py::arg("inv_freq"), py::arg("k"), py::arg("v"),
+        py::arg("out"), py::arg("lse"), py::arg("tok_off"), py::arg("norm_mode"), py::arg("eps"), py::arg("rope"),
+        py::arg("scale"));
+  m.def("joint_attention_fwd_sm90", &mmk::joint_attention_fwd_sm90,
+        "joint_attention_fwd computed by the sm_90a kernel (wgmma, TMA, warp specialization): same arguments and "
+        "outputs; Hopper only, and only in builds with 9.0a in TORCH_CUDA_ARCH_LIST.",
         py::arg("q"), py::arg("q_weight"), py::arg("q_rstd"), py::arg("inv_freq"), py::arg("k"), py::arg("v"),
         py::arg("out"), py::arg("lse"), py::arg("tok_off"), py::arg("norm_mode"), py::arg("eps"), py::arg("rope"),
         py::arg("scale"));

@@ -1,7 +1,9 @@
-// Joint attention forward (sm_80 mma.sync path): the parameters the host passes to the kernel, and the launchers
-// the per-dtype translation units instantiate. Plain CUDA types only, so that the kernel files compile without ATen.
+// Joint attention forward (sm_80 mma.sync path, and the sm_90a wgmma/TMA path of fwd_sm90.cuh): the parameters the
+// host passes to the kernels, and the launchers the per-dtype translation units instantiate. Plain CUDA types only
+// (cuda.h only for the CUtensorMap type), so that the kernel files compile without ATen.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -55,6 +57,37 @@ constexpr int fwd_row_stride(int D) { return (D / 8) % 2 == 1 ? D : D + 8; }
 constexpr size_t fwd_smem_bytes(int D) {
   return 4 * static_cast<size_t>(kFwdBlockN) * fwd_row_stride(D) * 2 + kFwdBlockM * 4 * sizeof(float);
 }
+
+// ---- sm_90a path (fwd_sm90.cuh) ----
+// One CTA = kSm90BlockM queries of one (batch, query head): a producer warpgroup (TMA) and two consumer warpgroups
+// of 64 queries each; K/V tiles of kSm90BlockN keys in a kSm90Stages-deep shared-memory ring.
+constexpr int kSm90BlockM = 128;
+constexpr int kSm90BlockN = 128;
+constexpr int kSm90Stages = 2;
+constexpr int kSm90Threads = 384;
+
+// 16-byte column chunks of q~ and K covered by the k16 steps of q~ K^T: D rounded up to 16 (72 -> 80), in chunks.
+constexpr int sm90_qk_chunks(int D) { return (D + 15) / 16 * 2; }
+
+// Dynamic shared memory of the sm_90a <D> kernel (bytes): 1024 bytes of alignment slack, the two consumers' q~
+// tiles, the K and V stages, per-row rstd / RoPE coordinates (16 bytes a row) and the 4 * kSm90Stages mbarriers.
+constexpr size_t fwd_sm90_smem_bytes(int D) {
+  return 1024 + static_cast<size_t>(2 * sm90_qk_chunks(D) * 64 * 16) +
+         static_cast<size_t>(kSm90Stages) * (sm90_qk_chunks(D) + D / 8) * kSm90BlockN * 16 + kSm90BlockM * 16 +
+         4 * kSm90Stages * 8;
+}
+
+// The tensor maps of the joint K and V buffers, built on the host (joint_attention.cu): 3-D {D, Ltot, B*Hkv}
+// (elements; strides D and Ltot*D), box {8, kSm90BlockN, 1}, no swizzle, no interleave, zero fill out of bounds.
+struct Sm90Maps {
+  CUtensorMap k;
+  CUtensorMap v;
+};
+
+// Launches the sm_90a kernel; cudaErrorNoKernelImageForDevice when this build has no sm_90a image of it for the
+// current device (the sm_80 image of the sm_90a kernel is a trap, never launched).
+template <typename T, int D>
+cudaError_t launch_fwd_sm90(const FwdParams& p, const Sm90Maps& maps, cudaStream_t stream);
 
 }  // namespace ja
 }  // namespace mmk

@@ -1,11 +1,18 @@
 // Joint attention forward, host side: argument checks and dispatch to the mma.sync kernels (fwd_kernel.cuh, which
-// documents the design; layouts in fwd.h). Python glue: mmkernels/ops/joint_attention/cuda.py, which builds the
-// joint K/V buffers and the full-width q rstd with the Triton prep kernels and calls this once per stream.
+// documents the design; layouts in fwd.h) or to the sm_90a wgmma/TMA kernels (fwd_sm90.cuh), whose K/V tensor maps
+// are built here. Python glue: mmkernels/ops/joint_attention/cuda.py, which builds the joint K/V buffers and the
+// full-width q rstd with the Triton prep kernels, picks the kernel and calls this once per stream.
 #include "common.h"
 #include "joint_attention/fwd.h"
 
+#include <cuda.h>
+
 #include <cmath>
 #include <limits>
+
+#ifndef MMKERNELS_CUDA_ARCHS
+#define MMKERNELS_CUDA_ARCHS "unknown"
+#endif
 
 namespace mmk {
 namespace {
@@ -30,6 +37,68 @@ cudaError_t dispatch_head_dim(int64_t D, const ja::FwdParams& p, cudaStream_t st
   return cudaSuccess;
 }
 
+template <typename T>
+cudaError_t dispatch_head_dim_sm90(int64_t D, const ja::FwdParams& p, const ja::Sm90Maps& maps, cudaStream_t stream) {
+  switch (D) {
+    case 64: return ja::launch_fwd_sm90<T, 64>(p, maps, stream);
+    case 72: return ja::launch_fwd_sm90<T, 72>(p, maps, stream);
+    case 80: return ja::launch_fwd_sm90<T, 80>(p, maps, stream);
+    case 96: return ja::launch_fwd_sm90<T, 96>(p, maps, stream);
+    case 128: return ja::launch_fwd_sm90<T, 128>(p, maps, stream);
+    default: MMK_CHECK(false, "joint_attention_fwd_sm90: head dim ", D, " is not compiled (64, 72, 80, 96, 128)");
+  }
+  return cudaSuccess;
+}
+
+// cuTensorMapEncodeTiled, fetched from the driver through the runtime so that _C does not link libcuda.
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiledFn encode_tiled() {
+  static const EncodeTiledFn fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                                             &found);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &found);
+#endif
+    MMK_CHECK(err == cudaSuccess && found == cudaDriverEntryPointSuccess && ptr != nullptr,
+              "joint_attention_fwd_sm90: the CUDA driver has no cuTensorMapEncodeTiled (needs a CUDA 12+ driver): ",
+              cudaGetErrorString(err));
+    return reinterpret_cast<EncodeTiledFn>(ptr);
+  }();
+  return fn;
+}
+
+// The TMA view of a joint [B, Hkv, Ltot, D] buffer: 3-D {D, Ltot, B*Hkv} with a {8, kSm90BlockN, 1} box, so one
+// copy fills one 16-byte column chunk of a K/V tile ([chunk][token][8] in shared memory, fwd_sm90.cuh). Tokens past
+// Ltot of a head read as zeros (out of bounds of dim 1), never as the next head's rows.
+CUtensorMap make_kv_map(const at::Tensor& t, const char* name) {
+  const int64_t BH = t.size(0) * t.size(1), Ltot = t.size(2), D = t.size(3);
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(Ltot), static_cast<cuuint64_t>(BH)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(D * 2), static_cast<cuuint64_t>(Ltot * D * 2)};  // bytes
+  const cuuint32_t box[3] = {8, static_cast<cuuint32_t>(ja::kSm90BlockN), 1};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  const CUtensorMapDataType dtype =
+      t.scalar_type() == at::kHalf ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  CUtensorMap map;
+  const CUresult res = encode_tiled()(&map, dtype, 3, t.data_ptr(), dims, strides, box, elem_strides,
+                                      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                                      CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  MMK_CHECK(res == CUDA_SUCCESS, "joint_attention_fwd_sm90: cuTensorMapEncodeTiled failed for argument '", name,
+            "' (shape ", t.sizes(), ") with CUresult ", static_cast<int>(res));
+  return map;
+}
+
+// One stream of joint attention (see joint_attention_fwd below); sm90 selects the Hopper kernel.
+void fwd_impl(const at::Tensor& q, const std::optional<at::Tensor>& q_weight, const std::optional<at::Tensor>& q_rstd,
+              const std::optional<at::Tensor>& inv_freq, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+              at::Tensor& lse, int64_t tok_off, int64_t norm_mode, double eps, const std::vector<int64_t>& rope,
+              double scale, bool sm90);
+
 }  // namespace
 
 // One stream of joint attention: out[b, m, h*D:(h+1)*D] = softmax(scale * q~ K^T) V for its L queries, and
@@ -43,6 +112,26 @@ void joint_attention_fwd(const at::Tensor& q, const std::optional<at::Tensor>& q
                          const std::optional<at::Tensor>& q_rstd, const std::optional<at::Tensor>& inv_freq,
                          const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse, int64_t tok_off,
                          int64_t norm_mode, double eps, std::vector<int64_t> rope, double scale) {
+  fwd_impl(q, q_weight, q_rstd, inv_freq, k, v, out, lse, tok_off, norm_mode, eps, rope, scale, false);
+}
+
+// The same contract, computed by the sm_90a kernel (wgmma, TMA, warp-specialized; fwd_sm90.cuh). Hopper (compute
+// capability 9.x) only, and only when the extension was built with 9.0a in TORCH_CUDA_ARCH_LIST.
+void joint_attention_fwd_sm90(const at::Tensor& q, const std::optional<at::Tensor>& q_weight,
+                              const std::optional<at::Tensor>& q_rstd, const std::optional<at::Tensor>& inv_freq,
+                              const at::Tensor& k, const at::Tensor& v, at::Tensor& out, at::Tensor& lse,
+                              int64_t tok_off, int64_t norm_mode, double eps, std::vector<int64_t> rope,
+                              double scale) {
+  fwd_impl(q, q_weight, q_rstd, inv_freq, k, v, out, lse, tok_off, norm_mode, eps, rope, scale, true);
+}
+
+namespace {
+
+void fwd_impl(const at::Tensor& q, const std::optional<at::Tensor>& q_weight, const std::optional<at::Tensor>& q_rstd,
+              const std::optional<at::Tensor>& inv_freq, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+              at::Tensor& lse, int64_t tok_off, int64_t norm_mode, double eps, const std::vector<int64_t>& rope,
+              double scale, bool sm90) {
+  const char* const fn = sm90 ? "joint_attention_fwd_sm90" : "joint_attention_fwd";
   check_cuda(q, "q");
   check_tensor(k, "k", q);
   check_tensor(v, "v", q);
@@ -134,12 +223,18 @@ void joint_attention_fwd(const at::Tensor& q, const std::optional<at::Tensor>& q
   const c10::cuda::CUDAGuard guard(q.device());
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
-  MMK_CHECK(major >= 8, "joint_attention_fwd: needs an sm_80 or newer GPU (mma.sync bf16/fp16, cp.async), got "
-            "compute capability ", major, ".x");
+  if (sm90) {
+    MMK_CHECK(major == 9, fn, ": the sm_90a kernel (wgmma, TMA) runs only on Hopper (compute capability 9.x), got ",
+              major, ".x; use joint_attention_fwd (the sm_80 kernel)");
+  } else {
+    MMK_CHECK(major >= 8, fn, ": needs an sm_80 or newer GPU (mma.sync bf16/fp16, cp.async), got "
+              "compute capability ", major, ".x");
+  }
+  const size_t smem_needed = sm90 ? ja::fwd_sm90_smem_bytes(static_cast<int>(D))
+                                  : ja::fwd_smem_bytes(static_cast<int>(D));
   int smem_optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.get_device()));
-  MMK_CHECK(static_cast<size_t>(smem_optin) >= ja::fwd_smem_bytes(static_cast<int>(D)),
-            "joint_attention_fwd: the D=", D, " kernel needs ", ja::fwd_smem_bytes(static_cast<int>(D)),
+  MMK_CHECK(static_cast<size_t>(smem_optin) >= smem_needed, fn, ": the D=", D, " kernel needs ", smem_needed,
             " bytes of shared memory per block, the device allows ", smem_optin);
 
   ja::FwdParams p{};
@@ -176,9 +271,22 @@ void joint_attention_fwd(const at::Tensor& q, const std::optional<at::Tensor>& q
   }
 
   const cudaStream_t stream = current_stream();
-  const cudaError_t err = dtype == at::kHalf ? dispatch_head_dim<__half>(D, p, stream)
-                                             : dispatch_head_dim<__nv_bfloat16>(D, p, stream);
+  cudaError_t err;
+  if (sm90) {
+    ja::Sm90Maps maps;
+    maps.k = make_kv_map(k, "k");
+    maps.v = make_kv_map(v, "v");
+    err = dtype == at::kHalf ? dispatch_head_dim_sm90<__half>(D, p, maps, stream)
+                             : dispatch_head_dim_sm90<__nv_bfloat16>(D, p, maps, stream);
+    MMK_CHECK(err != cudaErrorNoKernelImageForDevice, fn, ": this build of mmkernels._C has no sm_90a image of the "
+              "kernel (built for ", MMKERNELS_CUDA_ARCHS, "); rebuild with 9.0a in TORCH_CUDA_ARCH_LIST");
+  } else {
+    err = dtype == at::kHalf ? dispatch_head_dim<__half>(D, p, stream)
+                             : dispatch_head_dim<__nv_bfloat16>(D, p, stream);
+  }
   C10_CUDA_CHECK(err);
 }
+
+}  // namespace
 
 }  // namespace mmk

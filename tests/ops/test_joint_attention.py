@@ -243,6 +243,108 @@ def test_compiles_fullgraph(backend, device, compiler):
     check_compiled(fn, inputs, backend, compiler)
 
 
+# The cuda backend's two forward kernels (MMKERNELS_JA_CUDA_KERNEL=sm80|sm90): head dims 64/72/80/96/128, odd
+# lengths, GQA, every norm, RoPE or none, plus lengths that span several 128-key tiles (the sm_90a kernel's 2-stage
+# ring wraps around, its mbarrier phases flip), an exact multiple of 128 keys (no tail tile), a stream of 129 queries
+# (a second CTA with one row) and streams of <= 64 queries (the second consumer warpgroup has no valid row).
+KERNEL_CASES = CASES + [
+    (2, (190, 67), 4, 1, 72, "full", (257, 1, 1), None),
+    (1, (300,), 2, 2, 128, "head", (3, 10, 10), None),
+    (1, (129, 5), 2, 1, 96, None, None, None),
+    (1, (64, 200), 8, 2, 80, "full", (4, 66, 1), None),
+    (1, (256,), 2, 1, 64, "head", (4, 8, 8), None),
+]
+
+
+def _kernel_params():
+    return [pytest.param(k, dt, id=f"{k}-{str(dt).replace('torch.', '')}", marks=[pytest.mark.gpu])
+            for k in ("sm80", "sm90") for dt in (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("kernel,dtype", _kernel_params())
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=_ids)
+def test_cuda_forward_kernels_match_reference(kernel, dtype, case, monkeypatch):
+    """Each CUDA forward kernel, picked through MMKERNELS_JA_CUDA_KERNEL, against the fp64 reference: every stream's
+    output and the LSE. sm90 is skipped (with the reason) off Hopper or without 9.0a in the build."""
+    from mmkernels import _ext
+    from mmkernels.ops.joint_attention import cuda as ja_cuda
+
+    if _ext.C is None:
+        pytest.skip(f"mmkernels._C is not built: {_ext.C_ERROR}")
+    device = torch.device("cuda")
+    if kernel == "sm90":
+        try:
+            ja_cuda.select_kernel("sm90", torch.cuda.get_device_capability(device), _ext.compiled_archs())
+        except RuntimeError as e:
+            pytest.skip(f"the sm_90a kernel cannot run here: {e}")
+    monkeypatch.setenv(ja_cuda.KERNEL_ENV, kernel)
+    expected_fn = _ext.C.joint_attention_fwd_sm90 if kernel == "sm90" else _ext.C.joint_attention_fwd
+    assert ja_cuda._forward_fn(device) is expected_fn
+    B, lens, Hq, Hkv, D, norm, grid, split = case
+    qs, ks, vs, qw, kw, rope, dos = _inputs(case, dtype, "cuda")
+    g, s, base, off = rope.resolve("test", D, sum(lens)) if rope else ((), (), 10000.0, ())
+    outs, lse = torch.ops.mmkernels.joint_attention_fwd(qs, ks, vs, qw or [], kw or [], 1e-6, norm or "full", list(g),
+                                                        list(s), base, list(off), Hq, Hkv, D ** -0.5, False, "cuda")
+    ref_outs, ref_lse, _ = _reference(case, qs, ks, vs, qw, kw, dos)
+    for i, (o, r) in enumerate(zip(outs, ref_outs)):
+        assert o.dtype == dtype and o.shape == r.shape and o.is_contiguous()
+        assert_close(o, r, dtype=dtype, what=f"{kernel} output of stream {i}")
+    assert_close(lse, ref_lse, dtype=dtype, what=f"{kernel} lse")
+
+
+@pytest.mark.gpu
+def test_cuda_sm90_kernel_is_refused_off_hopper(monkeypatch):
+    """Off Hopper, asking for the sm_90a kernel is a clear error (from the Python selection and from _C itself)."""
+    from mmkernels import _ext
+
+    if _ext.C is None:
+        pytest.skip(f"mmkernels._C is not built: {_ext.C_ERROR}")
+    if torch.cuda.get_device_capability()[0] == 9:
+        pytest.skip("this GPU is a Hopper: the sm_90a kernel is allowed here")
+    case = CASES[1]
+    qs, ks, vs, qw, kw, rope, _ = _inputs(case, torch.float16, "cuda")
+    monkeypatch.setenv("MMKERNELS_JA_CUDA_KERNEL", "sm90")
+    with use_backend("cuda"), pytest.raises(RuntimeError, match="MMKERNELS_JA_CUDA_KERNEL=sm90.*compute capability"):
+        mmkernels.joint_attention(qs, ks, vs, num_heads=2, num_kv_heads=2, q_norm=qw, k_norm=kw, norm="head",
+                                  rope=rope)
+    q = qs[0]
+    k = torch.zeros(1, 2, q.shape[1], 64, dtype=q.dtype, device=q.device)
+    out, lse = torch.empty_like(q), torch.empty(1, 2, q.shape[1], device=q.device)
+    with pytest.raises(ValueError, match="runs only on Hopper"):
+        _ext.C.joint_attention_fwd_sm90(q, None, None, None, k, k, out, lse, 0, 0, 1e-6, [], 0.125)
+
+
+@pytest.mark.parametrize("choice,capability,archs,expected", [
+    ("auto", (9, 0), ["8.0", "9.0a"], "sm90"),
+    ("", (9, 0), ["8.0", "9.0a"], "sm90"),
+    ("auto", (9, 0), ["8.0"], "sm80"),        # no sm_90a image: the sm_80 cubin runs on Hopper
+    ("auto", (8, 0), ["8.0", "9.0a"], "sm80"),
+    ("auto", (8, 9), ["8.0", "9.0a"], "sm80"),
+    ("auto", (10, 0), ["8.0", "9.0a"], "sm80"),
+    (" SM80 ", (9, 0), ["8.0", "9.0a"], "sm80"),
+    ("sm90", (9, 0), ["8.0", "9.0a"], "sm90"),
+    ("sm90", (9, 0), ["9.0a"], "sm90"),
+])
+def test_cuda_kernel_selection(choice, capability, archs, expected):
+    from mmkernels.ops.joint_attention import cuda as ja_cuda
+
+    assert ja_cuda.select_kernel(choice, capability, archs) == expected
+
+
+@pytest.mark.parametrize("choice,capability,archs,exc,match", [
+    ("sm75", (9, 0), ["8.0", "9.0a"], ValueError, r"MMKERNELS_JA_CUDA_KERNEL='sm75' is not one of auto, sm80, sm90"),
+    ("hopper", (9, 0), ["8.0", "9.0a"], ValueError, "MMKERNELS_JA_CUDA_KERNEL"),
+    ("sm90", (8, 0), ["8.0", "9.0a"], RuntimeError, r"sm90.*compute capability 8\.0"),
+    ("sm90", (10, 0), ["8.0", "9.0a"], RuntimeError, r"compute capability 10\.0"),
+    ("sm90", (9, 0), ["8.0"], RuntimeError, "without 9.0a"),
+])
+def test_cuda_kernel_selection_rejects_clearly(choice, capability, archs, exc, match):
+    from mmkernels.ops.joint_attention import cuda as ja_cuda
+
+    with pytest.raises(exc, match=match):
+        ja_cuda.select_kernel(choice, capability, archs)
+
+
 def test_triton_rejects_what_it_cannot_run():
     q = randn((1, 4, 64), torch.float64)
     with use_backend("triton"), pytest.raises(BackendError, match="triton"):

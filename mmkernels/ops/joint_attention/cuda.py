@@ -1,10 +1,20 @@
 """Joint attention ``cuda`` backend: glue over ``mmkernels._C`` (csrc/joint_attention/). Semantics: reference.py.
 
 Forward: the K/V side and the full-width q rstd come from the Triton prep kernels (``_joint_kv`` and ``_prep`` in
-triton.py, small per-token passes); the attention itself is the mma.sync kernel ``C.joint_attention_fwd`` (sm_80+,
-fp16/bf16, head dims 64/72/80/96/128), one call per stream, computing exactly what triton.py's ``_attn_fwd_kernel``
-computes (q-side norm and RoPE in its prologue, online softmax over the joint keys, outputs straight into the
-stream's own tensor, natural-log LSE kept for the backward).
+triton.py, small per-token passes); the attention itself is one of two CUDA kernels, one call per stream, both
+computing exactly what triton.py's ``_attn_fwd_kernel`` computes (q-side norm and RoPE in their prologue, online
+softmax over the joint keys, outputs straight into the stream's own tensor, natural-log LSE kept for the backward),
+fp16/bf16, head dims 64/72/80/96/128:
+
+* ``sm80``: ``C.joint_attention_fwd``, mma.sync + cp.async (csrc/joint_attention/fwd_kernel.cuh), any sm_80+ GPU.
+* ``sm90``: ``C.joint_attention_fwd_sm90``, Hopper only (csrc/joint_attention/fwd_sm90.cuh): TMA loads of the K/V
+  tiles into an mbarrier-guarded shared-memory ring by a producer warpgroup, two consumer warpgroups doing wgmma
+  (QK^T from shared memory, PV with P from registers) and the online softmax, ping-ponging between them so one
+  softmax overlaps the other's GEMMs. Needs 9.0a in the build's TORCH_CUDA_ARCH_LIST.
+
+Which one runs: ``MMKERNELS_JA_CUDA_KERNEL`` = ``auto`` (default: sm90 on a compute-capability-9 device when the
+build has 9.0a, else sm80), ``sm80`` or ``sm90`` (an error on anything but Hopper with a 9.0a build). Read at call
+time. Like the whole backend, both kernels are experimental until they have passed their tests on a GPU.
 
 Backward: delegated to the Triton backward (it consumes the same outputs and LSE). A CUDA backward is a later
 stretch goal.
@@ -12,13 +22,44 @@ stretch goal.
 
 from __future__ import annotations
 
+import os
+from typing import Sequence
+
 import torch
 
+from mmkernels import _ext
 from mmkernels._ext import C
 from mmkernels.ops.joint_attention import triton as _triton
 
 HEAD_DIMS = (64, 72, 80, 96, 128)  # the head dims csrc/joint_attention instantiates
 DTYPES = (torch.float16, torch.bfloat16)
+KERNEL_ENV = "MMKERNELS_JA_CUDA_KERNEL"
+KERNELS = ("auto", "sm80", "sm90")
+
+
+def select_kernel(choice: str, capability: tuple[int, int], archs: Sequence[str]) -> str:
+    """Return "sm80" or "sm90", the forward kernel for ``choice`` (a KERNELS value, as in the environment variable) on a
+    device of ``capability`` with an extension built for ``archs`` (e.g. ['8.0', '9.0a'])."""
+    value = (choice or "auto").strip().lower()
+    if value not in KERNELS:
+        raise ValueError(f"mmkernels.joint_attention: environment variable {KERNEL_ENV}={choice!r} is not one of "
+                         f"{', '.join(KERNELS)}")
+    hopper = capability[0] == 9
+    has_90a = any(a.strip().replace("+PTX", "") == "9.0a" for a in archs)
+    if value == "auto":
+        return "sm90" if hopper and has_90a else "sm80"
+    if value == "sm90" and not (hopper and has_90a):
+        why = (f"the device has compute capability {capability[0]}.{capability[1]}" if not hopper else
+               f"mmkernels._C was built for {';'.join(archs) or 'no arch'}, without 9.0a")
+        raise RuntimeError(f"mmkernels.joint_attention: {KERNEL_ENV}=sm90 asks for the Hopper (sm_90a) kernel, but "
+                           f"{why}; it needs a compute-capability-9.x GPU and 9.0a in TORCH_CUDA_ARCH_LIST")
+    return value
+
+
+def _forward_fn(device: torch.device):
+    kernel = select_kernel(os.environ.get(KERNEL_ENV, "auto"), torch.cuda.get_device_capability(device),
+                           _ext.compiled_archs())
+    return C.joint_attention_fwd_sm90 if kernel == "sm90" else C.joint_attention_fwd
 
 
 def forward(qs, ks, vs, q_norm, k_norm, eps, norm, rope, num_heads, num_kv_heads, scale, deterministic):
@@ -34,6 +75,7 @@ def forward(qs, ks, vs, q_norm, k_norm, eps, norm, rope, num_heads, num_kv_heads
         freq = geo.freq
     else:
         rope_args, freq = [], None
+    fwd = _forward_fn(device)
     outs = []
     for s, q in enumerate(qs):
         L = q.shape[1]
@@ -44,8 +86,8 @@ def forward(qs, ks, vs, q_norm, k_norm, eps, norm, rope, num_heads, num_kv_heads
         w, code, rstd = _triton._q_norm_args(geo, q, q_norm, s, eps, norm)
         if q.shape[2] > 1 and q.stride(2) != 1:  # the kernel reads rows through their strides, columns densely
             q = q.contiguous()
-        C.joint_attention_fwd(q, w if code else None, rstd, freq, kj, vj, o, lse, geo.offs[s], code, float(eps),
-                              rope_args, float(scale))
+        fwd(q, w if code else None, rstd, freq, kj, vj, o, lse, geo.offs[s], code, float(eps), rope_args,
+            float(scale))
     return outs, lse
 
 
