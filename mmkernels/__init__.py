@@ -5,16 +5,24 @@ Public ops (each with torch / Triton / CUDA backends, autograd, and torch.compil
 * :func:`rms_norm` - RMSNorm over the last dim, fp32 statistics, apex rounding semantics.
 * :func:`rope3d` - LaVin-DiT's 3D rotate-half rotary embedding over a (T, H, W) token grid.
 * :func:`joint_attention` - QK RMSNorm + 3D RoPE (:class:`RoPE3DSpec`) + GQA flash attention over several streams.
+* :func:`group_norm_silu` - GroupNorm (+ SpatialNorm scale/shift read at latent resolution) + SiLU (torch / Triton).
+* :func:`adarn` - LaVin-DiT's fused AdaRN: RMSNorm, (1 + scale), tanh(gate), residual add in one pass (torch / Triton).
+* :func:`causal_conv3d` - ST-VAE's causal 3D conv (replicated first frame, stride, streaming cache) as an implicit
+  GEMM with no padded copies (torch / Triton).
 
 Choose a backend with ``with mmkernels.use_backend("triton"): ...`` or ``MMKERNELS_BACKEND=triton``; ``auto``
 (the default) picks the fastest validated backend for the inputs. ``python -m mmkernels`` lists what runs here.
 """
 
 from mmkernels._backend import BackendError, use_backend
+from mmkernels.ops.adarn import adarn
+from mmkernels.ops.causal_conv3d import causal_conv3d
+from mmkernels.ops.group_norm_silu import group_norm_silu
 from mmkernels.ops.joint_attention import joint_attention
 from mmkernels.ops.rms_norm import rms_norm
 from mmkernels.ops.rope3d import RoPE3DSpec, rope3d
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendError", "RoPE3DSpec", "joint_attention", "rms_norm", "rope3d", "use_backend", "__version__"]
+__all__ = ["BackendError", "RoPE3DSpec", "group_norm_silu", "joint_attention", "rms_norm", "rope3d", "use_backend",
+           "adarn", "causal_conv3d", "__version__"]

@@ -2,6 +2,7 @@
 // documents the design; layouts in fwd.h) or to the sm_90a wgmma/TMA kernels (fwd_sm90.cuh), whose K/V tensor maps
 // are built here. Python glue: mmkernels/ops/joint_attention/cuda.py, which builds the joint K/V buffers and the
 // full-width q rstd with the Triton prep kernels, picks the kernel and calls this once per stream.
+#include <string>
 #include "common.h"
 #include "joint_attention/fwd.h"
 
@@ -273,6 +274,11 @@ void fwd_impl(const at::Tensor& q, const std::optional<at::Tensor>& q_weight, co
   const cudaStream_t stream = current_stream();
   cudaError_t err;
   if (sm90) {
+    // The runtime cannot tell an sm_90 image (whose kernel body is a trap) from an sm_90a one, so refuse builds
+    // without 9.0a up front instead of launching a trap.
+    MMK_CHECK(std::string(MMKERNELS_CUDA_ARCHS).find("9.0a") != std::string::npos, fn, ": this build of "
+              "mmkernels._C has no sm_90a image (built for ", MMKERNELS_CUDA_ARCHS, "); rebuild with 9.0a in "
+              "TORCH_CUDA_ARCH_LIST");
     ja::Sm90Maps maps;
     maps.k = make_kv_map(k, "k");
     maps.v = make_kv_map(v, "v");

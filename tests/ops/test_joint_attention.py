@@ -246,13 +246,15 @@ def test_compiles_fullgraph(backend, device, compiler):
 # The cuda backend's two forward kernels (MMKERNELS_JA_CUDA_KERNEL=sm80|sm90): head dims 64/72/80/96/128, odd
 # lengths, GQA, every norm, RoPE or none, plus lengths that span several 128-key tiles (the sm_90a kernel's 2-stage
 # ring wraps around, its mbarrier phases flip), an exact multiple of 128 keys (no tail tile), a stream of 129 queries
-# (a second CTA with one row) and streams of <= 64 queries (the second consumer warpgroup has no valid row).
+# (a second CTA with one row), streams of <= 64 queries (the second consumer warpgroup has no valid row) and 1000
+# keys over several full CTAs.
 KERNEL_CASES = CASES + [
     (2, (190, 67), 4, 1, 72, "full", (257, 1, 1), None),
     (1, (300,), 2, 2, 128, "head", (3, 10, 10), None),
     (1, (129, 5), 2, 1, 96, None, None, None),
     (1, (64, 200), 8, 2, 80, "full", (4, 66, 1), None),
     (1, (256,), 2, 1, 64, "head", (4, 8, 8), None),
+    (2, (700, 300), 8, 2, 72, "full", (10, 10, 10), None),  # 8 key tiles: the ring's phases are reused
 ]
 
 

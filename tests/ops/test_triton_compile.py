@@ -28,7 +28,9 @@ def test_every_kernel_variant_compiles(compiled):
     failed = {k: v["error"] for k, v in compiled.items() if not v["ok"]}
     assert not failed, json.dumps(failed, indent=1)[:4000]
     for prefix in ("rms_norm_bwd", "rope3d", "joint_attention_fwd", "joint_attention_dkdv", "joint_attention_dq",
-                   "joint_attention_grad", "joint_attention_prep", "joint_attention_delta"):
+                   "joint_attention_grad", "joint_attention_prep", "joint_attention_delta", "adarn_fwd",
+                   "adarn_bwd", "group_norm_silu_apply", "group_norm_silu_bwd_reduce", "causal_conv3d_fwd",
+                   "causal_conv3d_dx", "causal_conv3d_dw"):
         assert any(k.startswith(prefix) for k in compiled), prefix
 
 

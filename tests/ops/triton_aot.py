@@ -89,6 +89,9 @@ def triton_next_pow2(n: int) -> int:
 
 
 def cases():
+    from mmkernels.ops.adarn import triton as adarn
+    from mmkernels.ops.causal_conv3d import triton as conv3d
+    from mmkernels.ops.group_norm_silu import triton as gn_silu
     from mmkernels.ops.rms_norm import triton as rms
     from mmkernels.ops.rope3d import triton as rope
 
@@ -102,6 +105,9 @@ def cases():
                     yield f"rms_norm_bwd-{tag}", rms._rms_norm_bwd_kernel, arch, _types(dt), const
             yield f"rope3d-sm{arch}-{dt}", rope._rope3d_kernel, arch, _types(dt), dict(P=36, BLOCK_L=32, BLOCK_P=64)
             yield from joint_attention_cases(arch, dt)
+            yield from adarn.aot_cases(arch, dt)
+            yield from gn_silu.aot_cases(arch, dt)
+            yield from conv3d.aot_cases(arch, dt)
 
 
 _CASES: list = []
