@@ -18,7 +18,7 @@ import torch
 
 from bench import common
 
-OPS = ("rms_norm", "rope3d", "joint_attention", "adarn", "group_norm_silu", "causal_conv3d")
+OPS = ("rms_norm", "rope3d", "joint_attention", "adarn", "group_norm_silu", "causal_conv3d", "stvae")
 
 
 def main(argv=None) -> int:

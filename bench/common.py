@@ -50,6 +50,7 @@ class Record:
     pct_copy: Optional[float] = None  # of the copy bandwidth measured in this run
     note: str = ""
     rel_err: Optional[float] = None  # of the checked output against the expected value (measure)
+    peak_mb: Optional[float] = None  # peak allocated memory of one call, when the benchmark measures it (GPU)
 
     def finish(self, copy_gbps: Optional[float]) -> "Record":
         self.gbps = self.bytes / (self.ms * 1e-3) / 1e9

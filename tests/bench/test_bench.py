@@ -90,3 +90,18 @@ def test_tune_script_needs_a_gpu(capsys):
         pytest.skip("this checks the CPU-only refusal")
     assert tune_joint_attention.main([]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_cpu_quick_stvae(tmp_path):
+    """The ST-VAE end-to-end bench on the CPU: ours and the official-style composition, encode and decode, checked."""
+    out = tmp_path / "vae.json"
+    assert bench_main.main(["--quick", "--device", "cpu", "--ops", "stvae", "--out", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    by = {(r["impl"], r["pass"]): r for r in records}
+    for impl in ("mmkernels", "official-style"):
+        for p in ("encode", "decode"):
+            r = by[(impl, p)]
+            assert math.isfinite(r["ms"]) and r["ms"] > 0 and r["flops"] > 0 and r["bytes"] > 0, r
+            assert r["rel_err"] is not None and r["rel_err"] < 1e-4 and "WRONG" not in r["note"], r
+    assert by[("mmkernels", "encode")]["flops"] == by[("official-style", "encode")]["flops"]
+    assert any(r["case"].startswith("streamed decode") for r in records)
