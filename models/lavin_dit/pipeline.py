@@ -1,0 +1,120 @@
+"""In-context inference for LaVin-DiT (the official inference.py, spec §4), for images and videos.
+
+A query is answered from k example pairs of one task: the "visual sentence" [in_1, tgt_1, ..., in_k, tgt_k, query]
+is VAE-encoded (each element on its own, as the official code encodes each frame as a 1-frame clip; a video element
+[3, 1+4m, H, W] is one clip), normalized for the DiT ((z - shift) * scale), and the target latent is sampled from
+noise with the flow ODE (Euler, official grids) under classifier-free guidance, then decoded.
+
+Classifier-free guidance runs as the official code does: two DiT passes per step, one on the full context and one on
+the unconditional context [zero frame, query] (``flow.uncond_context``). The two sequences have different lengths
+and different RoPE positions (the target sits at t = 2k+1 in one and t = 2 in the other), so they cannot be stacked
+into one batch of two without a key-padding mask and per-sample positions in the attention op; we keep two passes.
+
+Randomness (official: unseeded global RNGs): here every draw comes from one ``torch.Generator`` seeded by ``seed``
+(the posterior samples, then the initial noise, both drawn on the CPU as the official code does), so a seed
+reproduces a result on any device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from models.lavin_dit import sampler
+from models.lavin_dit.jdit import JDiT, patchify
+from models.lavin_dit.stvae import STVAE
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 20  # grid points; 20/30/40 are the official grids
+    cfg_scale: float = 1.5  # the official CLI default
+    posterior: str = "sample"  # "sample" (official) or "mean"
+    seed: Optional[int] = 0
+
+
+class InContextPipeline:
+    """Answer queries from in-context example pairs with an ST-VAE and a J-DiT.
+
+    Images are [3, H, W] and videos [3, T, H, W] tensors in [-1, 1] (H, W multiples of 16; T = 1 + 4m). The models
+    run in their own dtype and device (bf16 on GPU in the official setup).
+    """
+
+    def __init__(self, vae: STVAE, dit: JDiT):
+        if dit.config.in_channels != vae.config.latent_channels:
+            raise ValueError(f"InContextPipeline: the DiT takes {dit.config.in_channels} latent channels but the VAE "
+                             f"makes {vae.config.latent_channels}")
+        self.vae, self.dit = vae, dit
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.dit.parameters()).device
+
+    def _as_clip(self, x: torch.Tensor, what: str) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4) or x.shape[0] != 3:
+            raise ValueError(f"InContextPipeline: {what} must be an image [3, H, W] or a video [3, T, H, W], got "
+                             f"{getattr(x, 'shape', type(x).__name__)}")
+        return x if x.dim() == 4 else x.unsqueeze(1)
+
+    @torch.no_grad()
+    def encode(self, items: Sequence[torch.Tensor], posterior: str, generator: torch.Generator) -> torch.Tensor:
+        """DiT latents [1, C, sum of latent frames, h, w] of the items, in order, each encoded on its own."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        lat = []
+        for x in items:
+            post = self.vae.encode(x.unsqueeze(0).to(self.device, vae_dtype))
+            if posterior == "sample":
+                z = post.sample(generator)
+            elif posterior == "mean":
+                z = post.mode()
+            else:
+                raise ValueError(f"InContextPipeline: posterior must be 'sample' or 'mean', got {posterior!r}")
+            lat.append(STVAE.to_dit_latent(z))
+        return torch.cat(lat, dim=2)
+
+    @torch.no_grad()
+    def __call__(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], query: torch.Tensor,
+                 config: Optional[SampleConfig] = None, target_frames: Optional[int] = None) -> torch.Tensor:
+        """The predicted target for ``query`` in [-1, 1] (fp32, on the CPU): [3, H, W] for an image query, else
+        [3, T, H, W]. ``target_frames`` (video tasks) is the number of frames to predict, default the query's."""
+        cfg = config or SampleConfig()
+        if len(pairs) < 1:
+            raise ValueError("InContextPipeline: at least one example pair is needed")
+        clips = []
+        for i, (a, b) in enumerate(pairs):
+            clips += [self._as_clip(a, f"pairs[{i}][0]"), self._as_clip(b, f"pairs[{i}][1]")]
+        q = self._as_clip(query, "query")
+        clips.append(q)
+        size = q.shape[-2:]
+        for i, c in enumerate(clips):
+            if c.shape[-2:] != size:
+                raise ValueError(f"InContextPipeline: every image must have the query's size {tuple(size)}; item {i} "
+                                 f"is {tuple(c.shape[-2:])} (resize first, as the official code does)")
+        T = target_frames if target_frames is not None else q.shape[1]
+        r = self.vae.config.temporal_compression_ratio
+        if T < 1 or (T - 1) % r:
+            raise ValueError(f"InContextPipeline: target_frames must be 1 + {r}m, got {T}")
+        gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else torch.Generator()
+        cond = self.encode(clips, cfg.posterior, gen)
+        nq = 1 + (q.shape[1] - 1) // r  # the query's latent frames
+        null = torch.cat([torch.zeros_like(cond[:, :, :1]), cond[:, :, -nq:]], dim=2)  # official: [0-frame, query]
+        C, h, w = cond.shape[1], cond.shape[-2], cond.shape[-1]
+        noise = torch.randn(1, C, 1 + (T - 1) // r, h, w, generator=gen)  # CPU fp32, as the official code draws it
+        dit_dtype = next(self.dit.parameters()).dtype
+        x = noise.to(self.device, dit_dtype)
+        p = self.dit.config.patch_size
+        cond_p, null_p = patchify(cond.to(dit_dtype), p), patchify(null.to(dit_dtype), p)
+
+        def velocity(y, t):
+            yp = patchify(y.to(dit_dtype), p)
+            v_c = self.dit(yp, t, cond_p)
+            if cfg.cfg_scale == 1.0:
+                return v_c
+            return sampler.cfg_combine(v_c, self.dit(yp, t, null_p), cfg.cfg_scale)
+
+        z = sampler.euler(velocity, x, sampler.time_grid(cfg.steps))
+        vae_dtype = next(self.vae.parameters()).dtype
+        out = self.vae.decode(STVAE.from_dit_latent(z).to(vae_dtype))[0].clamp(-1, 1).float().cpu()
+        return out[:, 0] if query.dim() == 3 and T == 1 else out
