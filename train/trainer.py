@@ -1,0 +1,912 @@
+"""The shared DeepSpeed trainer: one loop for every model of the project, knowing nothing about any of them.
+
+Interface
+---------
+::
+
+    cfg = TrainConfig(out_dir="runs/x", steps=1000, micro_batch=4, lr=1e-4, warmup_steps=100, schedule="cosine")
+    trainer = Trainer(model, loss_fn, dataset, cfg, collate_fn=None, group_key=None, eval_fn=None)
+    records = trainer.train()        # resumes from cfg.out_dir when it holds a checkpoint
+    ema = trainer.ema_model()        # rank 0: an fp32 copy of the model with the EMA weights
+
+``TrainConfig`` fields (each validated; a bad value raises ``ValueError`` naming the field)::
+
+    out_dir: str                      # checkpoints/, metrics.jsonl, config.json (the resolved config)
+    steps: int                        # optimizer steps in total
+    micro_batch: int = 1              # samples per micro-batch per process
+    grad_accum: int = 1               # micro-batches per optimizer step
+    lr: float = 1e-4                  # peak learning rate
+    betas: tuple = (0.9, 0.95)        # AdamW
+    weight_decay: float = 0.01        # AdamW, on parameters with ndim >= 2
+    warmup_steps: int = 0             # linear warmup
+    schedule: str = "constant"        # or "cosine" (to min_lr_ratio * lr at the last step)
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0            # global-norm clipping; 0 disables it
+    ema_decay: float | None = 0.9999  # None: no EMA
+    zero_stage: int = 2               # 0..3
+    precision: str = "auto"           # auto: bf16 on CUDA, fp32 on CPU; or "bf16" / "fp32"
+    seed: int = 0                     # data order and the per-rank RNG seeds of a fresh run
+    log_every: int = 10               # metrics.jsonl record interval (and the last step)
+    save_every: int = 100             # checkpoint interval, plus a final save
+    keep_last: int = 2                # checkpoints kept
+    ds_config: dict | str | None = None  # DeepSpeed JSON (dict, path, or name in train/configs/) over the generated
+    num_workers: int = 0              # DataLoader workers
+    progress: bool = True             # tqdm bar on rank 0
+
+* ``model``: an ``nn.Module`` whose parameters with ``requires_grad`` are trained (frozen ones stay as they are).
+  Gradient checkpointing is the model's own switch.
+* ``loss_fn(model, batch, step) -> (loss, {name: float})``: ``model`` is the DeepSpeed engine, so calling it runs the
+  module's forward through DeepSpeed's hooks (ZeRO-3 parameter gathering); ``loss`` is a scalar tensor of this
+  micro-batch; ``step`` is the 0-based index of the optimizer step being computed (the number of steps completed
+  before it). The named floats are averaged over micro-batches and ranks into the metrics file (a name that only some
+  micro-batches report is averaged over those). The batch arrives on the training device, and under bf16/fp16 its
+  floating-point tensors are cast to that dtype, because the engine's module then holds parameters of that dtype;
+  ``loss_fn`` upcasts where it needs fp32.
+* ``dataset``: map-style (``__len__`` and ``__getitem__``); ``collate_fn`` defaults to torch's ``default_collate``.
+* ``group_key(i) -> hashable`` (optional): every micro-batch holds indices of one key only (shape or task groups).
+* ``eval_fn(model, step) -> {name: float}`` (optional): runs on rank 0 at every save point, under ``torch.no_grad``,
+  on the EMA model when EMA is on and on the raw model otherwise (in eval mode). Its results are written as a line
+  ``{"step": N, "eval/<name>": value, ...}``. The RNG states are restored after it, so evaluation that draws random
+  numbers does not change the training run.
+
+Steps, data order and schedule
+------------------------------
+A step is one optimizer step over ``micro_batch * grad_accum`` samples per rank. The data order is fixed by
+(``seed``, epoch): each epoch permutes the indices (``numpy.random.default_rng([seed, epoch])``); without
+``group_key`` the permutation is cut into micro-batches in order; with it, indices are grouped by key in permutation
+order, each group is cut into micro-batches (the remainder of a group that does not fill one is dropped), and the
+micro-batches are shuffled by the same generator. Consecutive runs of ``world_size * grad_accum`` micro-batches form
+the steps; rank ``r`` takes micro-batches ``r*grad_accum .. (r+1)*grad_accum - 1`` of each. Micro-batches that do not
+fill a last step are dropped, so every epoch has the same number of steps. The position (epoch, step within epoch) is
+part of the checkpoint. Each epoch gets a fresh ``DataLoader`` over these micro-batches (``num_workers`` worker
+processes, seeded from (seed, epoch, position, rank)). Random numbers a dataset draws in ``__getitem__`` resume exactly
+only with ``num_workers=0`` (they come from the restored global RNG); with workers, make samples a function of their
+index (as ShapesWorld's are).
+
+The learning rate of step ``s`` (0-based) is ``lr * f(s)`` with, for ``W = warmup_steps`` and ``T = steps``::
+
+    f(s) = (s + 1) / W                                   if s < W
+    f(s) = 1                                             if schedule == "constant"
+    f(s) = m + (1 - m) * (1 + cos(pi * p)) / 2,  p = min(1, (s - W) / max(1, T - 1 - W)),  m = min_lr_ratio
+
+so cosine reaches ``min_lr_ratio * lr`` at the last step. It is a ``LambdaLR`` that DeepSpeed steps after every
+optimizer step and saves in its checkpoint (:func:`lr_factor`). The optimizer is ``torch.optim.AdamW`` (deterministic
+on CPU) with ``weight_decay`` on parameters of two or more dimensions and none on biases and norm scales.
+
+DeepSpeed
+---------
+The DeepSpeed config is generated from the :class:`TrainConfig` (micro batch, accumulation, ``gradient_clipping``,
+ZeRO stage, ``bf16``), and the JSON in ``train/configs/zero{stage}.json`` (or ``ds_config``: a dict, a path, or a file
+name in ``train/configs/``) is merged over it, its keys winning, also over the stage and the precision (the resolved
+config goes into ``out_dir/config.json``). Only the batch keys must agree with ``micro_batch`` and ``grad_accum``,
+because the sampler uses them: a disagreement raises. When the merged config has an ``"optimizer"`` or
+``"scheduler"`` section, DeepSpeed builds that one instead of ours. ``precision="auto"`` is bf16 on CUDA and fp32 on
+CPU. ``grad_clip=0`` disables clipping; ``grad_norm`` in the metrics is the engine's global norm before clipping
+(``null`` where the engine does not compute one, e.g. fp32 ZeRO-0 without clipping).
+
+EMA
+---
+An fp32 shadow of the trainable parameters, kept on rank 0 only, on the training device, initialised from the weights
+at the start and updated after every optimizer step as ``ema += (1 - ema_decay) * (param - ema)``. Under bf16 it reads
+the bf16 module weights (the fp32 master weights are partitioned inside the optimizer). Under ZeRO-3 every rank takes
+part in gathering the partitioned parameters for the update (in buckets of ``EMA_GATHER_NUMEL`` elements), a
+collective per step; :meth:`Trainer.ema_model` then builds the model from a CPU copy of the model taken on rank 0 before
+DeepSpeed partitioned it (so under ZeRO-3 pass a model with real weights, not one made under ``zero.Init``).
+
+Checkpoints and resume
+----------------------
+``out_dir/checkpoints/step_{N}/`` holds DeepSpeed's files (module, optimizer with ZeRO partitions, LR scheduler) plus
+``trainer_state.pt`` (step, data position, EMA, config, elapsed time; written by rank 0) and ``rank_{r}.pt`` (the
+python/numpy/torch CPU/CUDA RNG states and metric accumulators of rank ``r``). A save writes everything into
+``checkpoints/.tmp-step_{N}``, fsyncs every file and the directory, renames it to ``step_{N}`` and then replaces the
+``latest`` pointer (text ``step_{N}``, DeepSpeed's own convention) by writing a temporary file and ``os.replace``.
+Only then are checkpoints beyond ``keep_last`` removed (renamed away first, then deleted). A kill at any point leaves
+``latest`` naming a complete checkpoint. ``train()`` removes leftover temporary directories, loads the ``latest``
+checkpoint (or the highest complete ``step_*`` if there is no pointer yet), truncates ``metrics.jsonl`` to the steps it
+covers, and continues. On CPU the continuation is bitwise identical to an uninterrupted run (the tests check losses
+and final weights); on GPU that also needs deterministic kernels, which the trainer does not switch on. Resuming
+requires the same world size, ``micro_batch``, ``grad_accum``, ``seed`` and dataset length (a ``ValueError`` says
+which differs); ``steps`` may grow. Multi-node jobs need ``out_dir`` on a file system every node sees.
+
+Metrics and logging
+-------------------
+Every ``log_every`` steps and at the last step, rank 0 appends to ``out_dir/metrics.jsonl``:
+``{"step", "loss", "lr", "grad_norm", "samples", "time", "step_time", ...loss_fn metrics}`` where ``step`` counts
+completed optimizer steps (1-based), ``loss`` and the metrics are means over the micro-batches of every rank since the
+previous record, ``lr`` and ``grad_norm`` belong to the recorded step, ``samples`` counts samples seen by all ranks,
+``time`` is training wall time in seconds over all runs and ``step_time`` the mean seconds per step of the window.
+A tqdm bar runs on rank 0 (``progress=False`` hides it), and TensorBoard scalars go to ``out_dir/tensorboard`` when
+``torch.utils.tensorboard`` imports.
+
+Launch
+------
+Under ``torchrun`` or the ``deepspeed`` launcher, or as one plain process (a one-process gloo/NCCL group on a free
+port is set up; see ``train/launch.py``). CPU jobs use gloo. The first DeepSpeed use on CPU JIT-builds its
+shared-memory comm op into ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), once per machine.
+
+Fault injection (for tests)
+---------------------------
+``MMKERNELS_TRAIN_FAULT=exit_after_step:K`` makes every rank ``os._exit(FAULT_EXIT_CODE)`` once step ``K`` is done
+(after its record and save); ``exit_in_save:K`` does so inside the save of step ``K``, after the temporary checkpoint is
+written and fsynced and before it is renamed.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, default_collate
+
+from .launch import init_distributed
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+FAULT_ENV = "MMKERNELS_TRAIN_FAULT"
+FAULT_EXIT_CODE = 17
+EMA_GATHER_NUMEL = 1 << 26  # ZeRO-3 EMA update: gather at most this many elements at once
+STATE_FILE = "trainer_state.pt"
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+_RESERVED = ("step", "loss", "lr", "grad_norm", "samples", "time", "step_time")
+_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+
+
+def _int_field(name, value, lo):
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"TrainConfig.{name} must be an int >= {lo}, got {value!r}")
+
+
+def _float_field(name, value, lo, hi, lo_open=False, hi_open=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"TrainConfig.{name} must be a finite number in {rng}, got {value!r}")
+
+
+def resolve_ds_config_path(name: str) -> str:
+    """A DeepSpeed JSON by path, or by name in ``train/configs/`` (``"zero3"`` or ``"zero3.json"``)."""
+    candidates = [name, os.path.join(CONFIG_DIR, name), os.path.join(CONFIG_DIR, name + ".json")]
+    for c in candidates:
+        if os.path.isfile(c):
+            return c
+    known = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
+    raise ValueError(f"TrainConfig.ds_config: {name!r} is neither a file nor one of train/configs/{known}")
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters; see the module docstring for what each one does. Invalid values raise a
+    ``ValueError`` naming the field."""
+
+    out_dir: str
+    steps: int
+    micro_batch: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-4
+    betas: tuple = (0.9, 0.95)
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: Optional[float] = 0.9999
+    zero_stage: int = 2
+    precision: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 100
+    keep_last: int = 2
+    ds_config: Any = None
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.out_dir, os.PathLike):
+            self.out_dir = os.fspath(self.out_dir)
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            raise ValueError(f"TrainConfig.out_dir must be a non-empty path, got {self.out_dir!r}")
+        _int_field("steps", self.steps, 1)
+        _int_field("micro_batch", self.micro_batch, 1)
+        _int_field("grad_accum", self.grad_accum, 1)
+        _float_field("lr", self.lr, 0.0, math.inf, lo_open=True, hi_open=True)
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+        if not isinstance(self.betas, tuple) or len(self.betas) != 2:
+            raise ValueError(f"TrainConfig.betas must be a pair (beta1, beta2), got {self.betas!r}")
+        for i, b in enumerate(self.betas):
+            _float_field(f"betas[{i}]", b, 0.0, 1.0, hi_open=True)
+        _float_field("weight_decay", self.weight_decay, 0.0, math.inf, hi_open=True)
+        _int_field("warmup_steps", self.warmup_steps, 0)
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"TrainConfig.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        _float_field("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        _float_field("grad_clip", self.grad_clip, 0.0, math.inf, hi_open=True)
+        if self.ema_decay is not None:
+            _float_field("ema_decay", self.ema_decay, 0.0, 1.0, hi_open=True)
+        if isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"TrainConfig.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"TrainConfig.precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        _int_field("seed", self.seed, 0)
+        _int_field("log_every", self.log_every, 1)
+        _int_field("save_every", self.save_every, 1)
+        _int_field("keep_last", self.keep_last, 1)
+        if isinstance(self.ds_config, os.PathLike):
+            self.ds_config = os.fspath(self.ds_config)
+        if isinstance(self.ds_config, str):
+            resolve_ds_config_path(self.ds_config)
+        elif self.ds_config is not None and not isinstance(self.ds_config, dict):
+            raise ValueError(f"TrainConfig.ds_config must be None, a dict, or a path/name of a DeepSpeed JSON, "
+                             f"got {type(self.ds_config).__name__}")
+        _int_field("num_workers", self.num_workers, 0)
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"TrainConfig.progress must be a bool, got {self.progress!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+def lr_factor(step: int, *, steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
+    """The LR multiplier of optimizer step ``step`` (0-based); the formula is in the module docstring."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    p = min(1.0, (step - warmup_steps) / max(1, steps - 1 - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def build_ds_config(config: TrainConfig, world_size: int, cuda: bool) -> dict:
+    """The DeepSpeed config: generated from ``config``, with ``config.ds_config`` (or ``configs/zero{stage}.json``)
+    merged over it. Raises ``ValueError`` when a batch key disagrees with ``micro_batch``/``grad_accum``."""
+    gen = {
+        "train_micro_batch_size_per_gpu": config.micro_batch,
+        "gradient_accumulation_steps": config.grad_accum,
+        "train_batch_size": config.micro_batch * config.grad_accum * world_size,
+        "gradient_clipping": float(config.grad_clip),
+        "zero_optimization": {"stage": config.zero_stage},
+        "steps_per_print": 10 ** 9,  # our own logging replaces DeepSpeed's
+        "wall_clock_breakdown": False,
+    }
+    precision = config.precision if config.precision != "auto" else ("bf16" if cuda else "fp32")
+    if precision == "bf16":
+        gen["bf16"] = {"enabled": True}
+    src = config.ds_config
+    if src is None:
+        default = os.path.join(CONFIG_DIR, f"zero{config.zero_stage}.json")
+        src = default if os.path.isfile(default) else {}
+    if isinstance(src, str):
+        with open(resolve_ds_config_path(src)) as f:
+            src = json.load(f)
+    merged = _merge(gen, src)
+    for key in _BATCH_KEYS:
+        if merged[key] != gen[key]:
+            field = "grad_accum" if key == "gradient_accumulation_steps" else "micro_batch"
+            raise ValueError(f"TrainConfig.ds_config sets {key}={merged[key]!r}, but micro_batch={config.micro_batch},"
+                             f" grad_accum={config.grad_accum} and world size {world_size} give {gen[key]}: set "
+                             f"TrainConfig.{field} instead (the data sampler uses it)")
+    stage = merged.get("zero_optimization", {}).get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ValueError(f"TrainConfig.ds_config: zero_optimization.stage must be 0..3, got {stage!r}")
+    return merged
+
+
+def _compute_dtype(ds_config: dict) -> torch.dtype:
+    if ds_config.get("bf16", {}).get("enabled", False):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled", False):
+        return torch.float16
+    return torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data order
+
+
+class StepSampler:
+    """The deterministic, distributed, optionally grouped data order (module docstring, "Steps, data order").
+
+    ``plan(epoch)`` lists this rank's steps of that epoch, each a list of ``grad_accum`` micro-batches of
+    ``micro_batch`` dataset indices. Every rank computes the same global order and takes its own share."""
+
+    def __init__(self, n: int, micro_batch: int, grad_accum: int, world_size: int, rank: int, seed: int,
+                 group_key: Optional[Callable[[int], Any]] = None):
+        self.n, self.micro_batch, self.grad_accum = n, micro_batch, grad_accum
+        self.world_size, self.rank, self.seed = world_size, rank, seed
+        self.keys = None if group_key is None else [group_key(i) for i in range(n)]
+        if self.keys is None:
+            chunks = n // micro_batch
+        else:
+            counts: dict = {}
+            for k in self.keys:
+                counts[k] = counts.get(k, 0) + 1
+            chunks = sum(c // micro_batch for c in counts.values())
+        self.steps_per_epoch = chunks // (world_size * grad_accum)
+        if self.steps_per_epoch == 0:
+            what = "per group_key group " if self.keys is not None else ""
+            raise ValueError(f"Trainer: the dataset ({n} samples) is too small for one step of micro_batch="
+                             f"{micro_batch} x grad_accum={grad_accum} x world_size={world_size} "
+                             f"(micro-batches are cut {what}and partial ones dropped)")
+
+    def plan(self, epoch: int) -> list[list[list[int]]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.n).tolist()
+        mb = self.micro_batch
+        if self.keys is None:
+            chunks = [order[i:i + mb] for i in range(0, len(order) - mb + 1, mb)]
+        else:
+            groups: dict = {}
+            for i in order:
+                groups.setdefault(self.keys[i], []).append(i)
+            chunks = [g[i:i + mb] for g in groups.values() for i in range(0, len(g) - mb + 1, mb)]
+            chunks = [chunks[j] for j in rng.permutation(len(chunks)).tolist()]
+        per_step = self.world_size * self.grad_accum
+        lo, hi = self.rank * self.grad_accum, (self.rank + 1) * self.grad_accum
+        return [chunks[s * per_step:(s + 1) * per_step][lo:hi] for s in range(self.steps_per_epoch)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RNG states and files
+
+
+def _get_rng() -> dict:
+    st = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [st[0], torch.from_numpy(st[1].astype(np.int64)), int(st[2]), int(st[3]), float(st[4])]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            _fsync_path(os.path.join(root, f))
+        _fsync_path(root)
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    # The temporary name starts with TMP_PREFIX so that a resume clears one a kill left in checkpoints/.
+    tmp = os.path.join(os.path.dirname(path), f"{TMP_PREFIX}{os.path.basename(path)}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_path(os.path.dirname(path) or ".")
+
+
+def _step_of(name: str) -> Optional[int]:
+    if name.startswith("step_") and name[5:].isdigit():
+        return int(name[5:])
+    return None
+
+
+def _parse_fault() -> tuple[Optional[str], int]:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return None, -1
+    kind, _, k = spec.partition(":")
+    if kind not in ("exit_after_step", "exit_in_save") or not k.isdigit():
+        raise ValueError(f"{FAULT_ENV} must be 'exit_after_step:K' or 'exit_in_save:K', got {spec!r}")
+    return kind, int(k)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Trainer
+
+
+class Trainer:
+    """DeepSpeed training loop with exact save/resume; see the module docstring.
+
+    Attributes after construction: ``engine`` (the DeepSpeed engine), ``optimizer``, ``lr_scheduler``,
+    ``ds_config`` (the resolved DeepSpeed config), ``zero_stage``, ``dtype`` (compute dtype), ``rank``,
+    ``world_size``, ``device``, ``sampler`` (:class:`StepSampler`)."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, dataset, config: TrainConfig, *,
+                 collate_fn: Optional[Callable] = None, group_key: Optional[Callable[[int], Any]] = None,
+                 eval_fn: Optional[Callable] = None):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"Trainer: 'config' must be a TrainConfig, got {type(config).__name__}")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"Trainer: 'model' must be a torch.nn.Module, got {type(model).__name__}")
+        for name, fn in (("loss_fn", loss_fn), ("collate_fn", collate_fn), ("group_key", group_key),
+                         ("eval_fn", eval_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"Trainer: '{name}' must be callable, got {type(fn).__name__}")
+        if loss_fn is None:
+            raise TypeError("Trainer: 'loss_fn' is required")
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError("Trainer: 'dataset' must be a map-style dataset (__getitem__ and __len__)")
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("Trainer: 'model' has no parameters with requires_grad=True")
+
+        self.config, self.loss_fn, self.dataset = config, loss_fn, dataset
+        self.collate_fn = collate_fn if collate_fn is not None else default_collate
+        self.eval_fn = eval_fn
+        info = init_distributed()
+        self.rank, self.world_size, self.device = info.rank, info.world_size, info.device
+        self.ds_config = build_ds_config(config, self.world_size, self.device.type == "cuda")
+        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        self.dtype = _compute_dtype(self.ds_config)
+        if self.rank == 0 and self.zero_stage != config.zero_stage:
+            warnings.warn(f"Trainer: ds_config sets ZeRO stage {self.zero_stage} over zero_stage="
+                          f"{config.zero_stage}", stacklevel=2)
+        self.sampler = StepSampler(len(dataset), config.micro_batch, config.grad_accum, self.world_size, self.rank,
+                                   config.seed, group_key)
+        # Under ZeRO-3 the engine's parameters become partitions, so rank 0 keeps a CPU copy of the model as the
+        # skeleton that ema_model() and eval fill with full weights.
+        need_copy = self.zero_stage == 3 and (config.ema_decay is not None or eval_fn is not None)
+        self._template = copy.deepcopy(model).cpu() if need_copy and self.rank == 0 else None
+
+        decay = [p for _, p in named if p.ndim >= 2]
+        no_decay = [p for _, p in named if p.ndim < 2]
+        groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        optimizer = None
+        if "optimizer" not in self.ds_config:
+            optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        scheduler = None
+        if "scheduler" not in self.ds_config:
+            fn = functools.partial(lr_factor, steps=config.steps, warmup_steps=config.warmup_steps,
+                                   schedule=config.schedule, min_lr_ratio=config.min_lr_ratio)
+
+            def scheduler(opt):
+                return torch.optim.lr_scheduler.LambdaLR(opt, fn)
+
+        import deepspeed
+
+        self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
+            lr_scheduler=scheduler, config=copy.deepcopy(self.ds_config))
+        self._named_trainable = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+        self._ema: Optional[dict[str, torch.Tensor]] = None
+        if config.ema_decay is not None:
+            self._ema_init()
+        self.global_batch = config.micro_batch * config.grad_accum * self.world_size
+        self.step = 0
+        self._epoch, self._offset = 0, 0
+        self._acc: dict[str, list[float]] = {}
+        self._window_time, self._window_steps, self._elapsed = 0.0, 0, 0.0
+        self._tb = None
+        self._fault: tuple[Optional[str], int] = (None, -1)
+
+    # ----- paths --------------------------------------------------------------------------------------------------
+
+    @property
+    def ckpt_root(self) -> str:
+        return os.path.join(self.config.out_dir, "checkpoints")
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.config.out_dir, "metrics.jsonl")
+
+    # ----- EMA ----------------------------------------------------------------------------------------------------
+
+    def _gathered(self):
+        """Yields lists of (name, param) whose full data is readable inside the iteration (ZeRO-3: gathered on every
+        rank in buckets; other stages: the parameters themselves, all at once)."""
+        if self.zero_stage != 3:
+            yield self._named_trainable
+            return
+        import deepspeed
+
+        bucket, numel = [], 0
+        for n, p in self._named_trainable + [(None, None)]:
+            if p is not None:
+                bucket.append((n, p))
+                numel += p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+            if bucket and (p is None or numel >= EMA_GATHER_NUMEL):
+                with deepspeed.zero.GatheredParameters([q for _, q in bucket], modifier_rank=None):
+                    yield bucket
+                bucket, numel = [], 0
+
+    @torch.no_grad()
+    def _ema_init(self) -> None:
+        ema = {}
+        for bucket in self._gathered():
+            if self.rank == 0:
+                for n, p in bucket:
+                    ema[n] = p.detach().to(torch.float32, copy=True)
+        self._ema = ema if self.rank == 0 else None
+
+    @torch.no_grad()
+    def _ema_update(self) -> None:
+        w = 1.0 - self.config.ema_decay
+        for bucket in self._gathered():
+            if self.rank == 0:
+                shadows = [self._ema[n] for n, _ in bucket]
+                params = [p.detach() if p.dtype == torch.float32 else p.detach().float() for _, p in bucket]
+                torch._foreach_lerp_(shadows, params, w)
+
+    def _model_copy(self, weights: Optional[dict]) -> torch.nn.Module:
+        """Rank 0: an fp32 eval-mode copy of the module with ``weights`` (name -> tensor) over its parameters."""
+        if self.zero_stage == 3:
+            model = copy.deepcopy(self._template)
+            # Buffers are not partitioned by ZeRO-3: take the current ones.
+            current = dict(self.engine.module.named_buffers())
+            for n, b in model.named_buffers():
+                if n in current:
+                    b.data = current[n].detach().to("cpu", copy=True)
+        else:
+            model = copy.deepcopy(self.engine.module)
+        model = model.to(self.device).float()
+        if weights:
+            params = dict(model.named_parameters())
+            for n, w in weights.items():
+                params[n].data.copy_(w)
+        for p in model.parameters():
+            p.grad = None
+        return model.eval().requires_grad_(False)
+
+    def ema_model(self) -> torch.nn.Module:
+        """Rank 0: a copy of the model (fp32, eval mode, on the training device, ``requires_grad=False``) whose
+        trainable parameters hold the EMA weights; frozen parameters and buffers are the current ones."""
+        if self.config.ema_decay is None:
+            raise RuntimeError("Trainer.ema_model: EMA is off (TrainConfig.ema_decay=None)")
+        if self.rank != 0:
+            raise RuntimeError("Trainer.ema_model: the EMA lives on rank 0 only")
+        return self._model_copy(self._ema)
+
+    def ema_state_dict(self) -> Optional[dict]:
+        """Rank 0: the EMA shadow (name -> fp32 tensor, a copy); None elsewhere or when EMA is off."""
+        return None if self._ema is None else {n: t.detach().clone() for n, t in self._ema.items()}
+
+    # ----- checkpoints --------------------------------------------------------------------------------------------
+
+    def _latest_tag(self) -> Optional[str]:
+        root = self.ckpt_root
+        if not os.path.isdir(root):
+            return None
+        path = os.path.join(root, LATEST)
+        if os.path.isfile(path):
+            with open(path) as f:
+                tag = f.read().strip()
+            if os.path.isfile(os.path.join(root, tag, STATE_FILE)):
+                return tag
+            warnings.warn(f"Trainer: {path} names {tag!r}, which is not a complete checkpoint; using the highest "
+                          "complete step_* instead", stacklevel=3)
+        complete = [(s, d) for d in os.listdir(root) if (s := _step_of(d)) is not None
+                    and os.path.isfile(os.path.join(root, d, STATE_FILE))]
+        return max(complete)[1] if complete else None
+
+    def _save(self) -> None:
+        step, root, cfg = self.step, self.ckpt_root, self.config
+        tag = f"step_{step}"
+        tmp_tag = TMP_PREFIX + tag
+        tmp, final = os.path.join(root, tmp_tag), os.path.join(root, tag)
+        if self.rank == 0:
+            os.makedirs(root, exist_ok=True)
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+        dist.barrier()
+        self.engine.save_checkpoint(root, tag=tmp_tag, save_latest=False)
+        torch.save({"rng": _get_rng(), "acc": self._acc, "window_time": self._window_time,
+                    "window_steps": self._window_steps}, os.path.join(tmp, f"rank_{self.rank}.pt"))
+        if self.rank == 0:
+            state = {"step": step, "epoch": self._epoch, "offset": self._offset, "elapsed": self._elapsed,
+                     "world_size": self.world_size, "dataset_len": self.sampler.n,
+                     "config": json.dumps(cfg.to_dict(), default=str),
+                     "ema": None if self._ema is None else {n: t.cpu() for n, t in self._ema.items()}}
+            torch.save(state, os.path.join(tmp, STATE_FILE))
+        dist.barrier()
+        # Every rank fsyncs the whole directory: on a shared file system only the writer's fsync is sure to reach
+        # the disk, and ranks do not know which of DeepSpeed's files they wrote (syncing a clean file is cheap).
+        _fsync_tree(tmp)
+        dist.barrier()
+        if self.rank == 0:
+            _fsync_path(root)
+        if self._fault == ("exit_in_save", step):
+            os._exit(FAULT_EXIT_CODE)
+        if self.rank == 0:
+            if os.path.exists(final):
+                # A step_N left by a killed run after its rename but before `latest` moved to it (`latest` names an
+                # older step): this save replaces it.
+                trash = os.path.join(root, TRASH_PREFIX + tag)
+                shutil.rmtree(trash, ignore_errors=True)
+                os.rename(final, trash)
+                shutil.rmtree(trash)
+            os.rename(tmp, final)
+            _fsync_path(root)
+            _atomic_write_text(os.path.join(root, LATEST), tag)
+            self._prune(step)
+        dist.barrier()
+
+    def _prune(self, step: int) -> None:
+        root = self.ckpt_root
+        older = sorted((s for d in os.listdir(root) if (s := _step_of(d)) is not None and s < step), reverse=True)
+        keep = set(older[:self.config.keep_last - 1]) | {step}
+        for d in os.listdir(root):
+            s = _step_of(d)
+            if s is not None and s not in keep:
+                # Renamed first: a kill mid-delete must not leave a half-deleted step_* that looks like a checkpoint.
+                trash = os.path.join(root, TRASH_PREFIX + d)
+                os.rename(os.path.join(root, d), trash)
+                shutil.rmtree(trash)
+
+    def _resume(self) -> int:
+        root = self.ckpt_root
+        if self.rank == 0 and os.path.isdir(root):
+            for d in os.listdir(root):
+                if d.startswith((TMP_PREFIX, TRASH_PREFIX)):
+                    p = os.path.join(root, d)
+                    if os.path.isdir(p):
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        os.remove(p)
+        box = [self._latest_tag() if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        tag = box[0]
+        if tag is None:
+            return 0
+        path = os.path.join(root, tag)
+        state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
+        saved = json.loads(state["config"])
+        cfg = self.config
+        for field, now, then in (("world size", self.world_size, state["world_size"]),
+                                 ("micro_batch", cfg.micro_batch, saved["micro_batch"]),
+                                 ("grad_accum", cfg.grad_accum, saved["grad_accum"]),
+                                 ("seed", cfg.seed, saved["seed"]),
+                                 ("dataset length", self.sampler.n, state["dataset_len"])):
+            if now != then:
+                raise ValueError(f"Trainer: cannot resume {path} exactly: it was saved with {field}={then!r}, this run "
+                                 f"has {now!r} (use a new out_dir, or the same {field})")
+        load_path, _ = self.engine.load_checkpoint(root, tag=tag)
+        if load_path is None:
+            raise RuntimeError(f"Trainer: DeepSpeed could not load the checkpoint {path}")
+        mine = torch.load(os.path.join(path, f"rank_{self.rank}.pt"), map_location="cpu", weights_only=True)
+        _set_rng(mine["rng"])
+        self._acc = {k: list(v) for k, v in mine["acc"].items()}
+        self._window_time, self._window_steps = mine["window_time"], mine["window_steps"]
+        self._epoch, self._offset, self._elapsed = state["epoch"], state["offset"], state["elapsed"]
+        if self.rank == 0 and cfg.ema_decay is not None:
+            if state["ema"] is None:
+                raise ValueError(f"Trainer: {path} has no EMA, but TrainConfig.ema_decay={cfg.ema_decay}")
+            self._ema = {n: t.to(self.device, torch.float32) for n, t in state["ema"].items()}
+        return int(state["step"])
+
+    # ----- metrics ------------------------------------------------------------------------------------------------
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.metrics_path
+        if not os.path.exists(path):
+            return
+        keep = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill
+                    continue
+                if rec.get("step", math.inf) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        _atomic_write_text(path, "".join(keep))
+
+    def _write_record(self, rec: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            for k, v in rec.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, rec["step"])
+
+    def _reduce_window(self) -> dict:
+        parts: list = [None] * self.world_size
+        dist.all_gather_object(parts, self._acc)
+        total: dict[str, list[float]] = {}
+        for part in parts:  # rank order: the same sums on every rank and in every run
+            for k, (s, c) in part.items():
+                t = total.setdefault(k, [0.0, 0])
+                t[0] += s
+                t[1] += c
+        return {k: s / c for k, (s, c) in total.items()}
+
+    def _accumulate(self, loss: float, metrics: dict) -> None:
+        for k, v in (("loss", loss), *metrics.items()):
+            a = self._acc.setdefault(k, [0.0, 0])
+            a[0] += float(v)
+            a[1] += 1
+
+    # ----- the loop -----------------------------------------------------------------------------------------------
+
+    def _batches(self):
+        epoch, offset = self._epoch, self._offset
+        while True:
+            flat = [mb for st in self.sampler.plan(epoch)[offset:] for mb in st]
+            # A dedicated generator: DataLoader draws its worker base seed from it, not from the global RNG, so the
+            # global RNG stream does not depend on where an epoch's iterator was created (resume mid-epoch).
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence(
+                [self.config.seed, epoch, offset, self.rank]).generate_state(1)[0]))
+            loader = DataLoader(self.dataset, batch_sampler=flat, collate_fn=self.collate_fn,
+                                num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda",
+                                generator=g)
+            yield from loader
+            epoch, offset = epoch + 1, 0
+
+    def _to_device(self, obj):
+        if isinstance(obj, torch.Tensor):
+            obj = obj.to(self.device, non_blocking=True)
+            if obj.is_floating_point() and self.dtype != torch.float32:
+                obj = obj.to(self.dtype)
+            return obj
+        if isinstance(obj, dict):
+            return {k: self._to_device(v) for k, v in obj.items()}
+        if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+            return type(obj)(*(self._to_device(v) for v in obj))
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self._to_device(v) for v in obj)
+        return obj
+
+    def _seed_fresh(self) -> None:
+        s = int(np.random.SeedSequence([self.config.seed, self.rank]).generate_state(1)[0])
+        random.seed(s)
+        np.random.seed(s)
+        torch.manual_seed(s)
+
+    def _evaluate(self) -> Optional[dict]:
+        if self.eval_fn is None:
+            return None
+        if self.config.ema_decay is not None:
+            model = self.ema_model() if self.rank == 0 else None
+        elif self.zero_stage == 3:
+            full = {}
+            for bucket in self._gathered():
+                if self.rank == 0:
+                    full.update({n: p.detach().to("cpu", torch.float32, copy=True) for n, p in bucket})
+            model = self._model_copy(full) if self.rank == 0 else None
+        else:
+            model = self.engine.module if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        rng = _get_rng()
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = self.eval_fn(model, self.step)
+        finally:
+            model.train(was_training)
+            _set_rng(rng)
+        if not isinstance(out, dict):
+            raise TypeError(f"Trainer: eval_fn must return a dict of floats, got {type(out).__name__}")
+        return {"step": self.step, **{f"eval/{k}": float(v) for k, v in out.items()}}
+
+    def train(self) -> list[dict]:
+        """Train to ``config.steps`` optimizer steps, resuming from ``out_dir`` when it holds a checkpoint. Returns
+        this run's metric records: on rank 0 all of them (eval lines included), elsewhere the training records (their
+        values are reduced over ranks, so they are the same)."""
+        cfg = self.config
+        self._fault = _parse_fault()
+        if self.rank == 0:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        dist.barrier()
+        self.step = self._resume()
+        if self.step == 0:
+            self._seed_fresh()
+            self._epoch, self._offset, self._acc = 0, 0, {}
+            self._window_time, self._window_steps, self._elapsed = 0.0, 0, 0.0
+        if self.rank == 0:
+            self._truncate_metrics(self.step)
+            resolved = {"train": cfg.to_dict(), "deepspeed": self.ds_config, "world_size": self.world_size,
+                        "resumed_from_step": self.step}
+            _atomic_write_text(os.path.join(cfg.out_dir, "config.json"), json.dumps(resolved, indent=2, default=str))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"), purge_step=self.step or None)
+            except ImportError:
+                self._tb = None
+        records: list[dict] = []
+        if self.step >= cfg.steps:
+            return records
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.rank == 0),
+                   dynamic_ncols=True, desc="train")
+        batches = self._batches()
+        self.engine.train()
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                lr = float(self.engine.optimizer.param_groups[0]["lr"])
+                for _ in range(cfg.grad_accum):
+                    batch = self._to_device(next(batches))
+                    out = self.loss_fn(self.engine, batch, self.step)
+                    if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)
+                            and isinstance(out[1], dict)):
+                        raise TypeError("Trainer: loss_fn must return (loss_tensor, {name: float})")
+                    loss, metrics = out
+                    if loss.numel() != 1:
+                        raise ValueError(f"Trainer: loss_fn's loss must be a scalar, got shape {tuple(loss.shape)}")
+                    clash = set(metrics) & set(_RESERVED)
+                    if clash:
+                        raise ValueError(f"Trainer: loss_fn metric names {sorted(clash)} are reserved")
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    self._accumulate(loss.detach().float().item(), metrics)
+                self.step += 1
+                self._offset += 1
+                if self._offset == self.sampler.steps_per_epoch:
+                    self._epoch, self._offset = self._epoch + 1, 0
+                if cfg.ema_decay is not None:
+                    self._ema_update()
+                dt = time.perf_counter() - t0
+                self._elapsed += dt
+                self._window_time += dt
+                self._window_steps += 1
+                bar.update(1)
+
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    gn = self.engine.get_global_grad_norm()
+                    rec = {"step": self.step, **self._reduce_window()}
+                    rec.update(lr=lr, grad_norm=None if gn is None else float(gn),
+                               samples=self.step * self.global_batch, time=self._elapsed,
+                               step_time=self._window_time / max(1, self._window_steps))
+                    order = ["step", "loss", "lr", "grad_norm", "samples", "time", "step_time"]
+                    rec = {**{k: rec[k] for k in order}, **{k: v for k, v in rec.items() if k not in order}}
+                    self._acc, self._window_time, self._window_steps = {}, 0.0, 0
+                    records.append(rec)
+                    if self.rank == 0:
+                        self._write_record(rec)
+                        bar.set_postfix(loss=f"{rec['loss']:.4g}", lr=f"{lr:.3g}")
+
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self._save()
+                    ev = self._evaluate()
+                    if ev is not None:
+                        records.append(ev)
+                        self._write_record(ev)
+                if self._fault == ("exit_after_step", self.step):
+                    os._exit(FAULT_EXIT_CODE)
+        finally:
+            batches.close()
+            bar.close()
+            if self._tb is not None:
+                self._tb.flush()
+        return records
