@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mmkernels-installed
-SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cu csrc/*/*.cuh)
+SOURCES := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cuh csrc/*/*.h csrc/*/*.cu csrc/*/*.cuh)
 
 .PHONY: install demo test bench clean
 

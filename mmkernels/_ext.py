@@ -57,3 +57,28 @@ def arch_supported(device) -> Optional[str]:
     name = torch.cuda.get_device_name(device)
     return (f"mmkernels._C was built for {';'.join(compiled_archs())}, not for {name} (sm_{cap[0]}{cap[1]}); "
             "rebuild with TORCH_CUDA_ARCH_LIST")
+
+
+SM_KERNELS = ("auto", "sm80", "sm90")
+
+
+def select_sm_kernel(op: str, env: str, choice: str, capability: tuple[int, int], archs) -> str:
+    """Which of an op's two CUDA kernel families runs: "sm80" (mma.sync, any sm_80+ GPU) or "sm90" (wgmma, Hopper
+    with 9.0a in the build). ``choice`` is the value of the op's environment variable ``env`` (one of SM_KERNELS;
+    "auto" or empty picks sm90 wherever it can run); ``capability`` is the device's, ``archs`` the build's (e.g.
+    ['8.0', '9.0a']). Asking for sm90 where it cannot run is a RuntimeError naming why; an unknown value a
+    ValueError."""
+    value = (choice or "auto").strip().lower()
+    if value not in SM_KERNELS:
+        raise ValueError(f"mmkernels.{op}: environment variable {env}={choice!r} is not one of "
+                         f"{', '.join(SM_KERNELS)}")
+    hopper = capability[0] == 9
+    has_90a = any(a.strip().replace("+PTX", "") == "9.0a" for a in archs)
+    if value == "auto":
+        return "sm90" if hopper and has_90a else "sm80"
+    if value == "sm90" and not (hopper and has_90a):
+        why = (f"the device has compute capability {capability[0]}.{capability[1]}" if not hopper else
+               f"mmkernels._C was built for {';'.join(archs) or 'no arch'}, without 9.0a")
+        raise RuntimeError(f"mmkernels.{op}: {env}=sm90 asks for the Hopper (sm_90a) kernel, but {why}; it needs a "
+                           "compute-capability-9.x GPU and 9.0a in TORCH_CUDA_ARCH_LIST")
+    return value

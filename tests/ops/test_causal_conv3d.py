@@ -1,5 +1,5 @@
-"""mmkernels.causal_conv3d: torch and Triton backends against an official-style fp64 truth, forward and backward
-(dx, dW, db, dcache); layouts; streaming with the cache; opcheck; compile; bad input."""
+"""mmkernels.causal_conv3d: every backend against an official-style fp64 truth, forward and backward (dx, dW, db,
+dcache); layouts; streaming with the cache; opcheck; compile; bad input; both CUDA forward kernels."""
 
 import pytest
 import torch
@@ -16,8 +16,7 @@ OP = "causal_conv3d"
 
 
 def _pairs():
-    # causal_conv3d has no cuda (mmkernels._C) backend: torch and triton only.
-    return [(b, d) for b, d in backend_devices() if b != "cuda"]
+    return backend_devices()
 
 
 def _backend_params():
@@ -25,9 +24,20 @@ def _backend_params():
 
 
 def _backend_dtype_params():
+    # The cuda backend's kernels are fp16/bf16 (its supports() leaves fp32 to Triton): its fp32 params are dropped.
     return [pytest.param(b, d, dt, id=f"{b}-{d}-{str(dt).replace('torch.', '')}",
                          marks=[pytest.mark.gpu] if d == "cuda" else [])
-            for b, d in _pairs() for dt in dtypes_for(b, d)]
+            for b, d in _pairs() for dt in dtypes_for(b, d) if not (b == "cuda" and dt == torch.float32)]
+
+
+def _dt(backend, dtype=torch.float32):
+    """The dtype a case runs in: the cuda backend runs the fp32 cases in fp16 (its kernels are fp16/bf16)."""
+    return torch.float16 if backend == "cuda" and dtype == torch.float32 else dtype
+
+
+def _ch(backend, c):
+    """A case's channel count: the cuda kernels need multiples of 8, so they run the same case with c rounded up."""
+    return -(-c // 8) * 8 if backend == "cuda" else c
 
 
 def official(x, weight, bias=None, stride=1, time_pad="replicate", cache=None):
@@ -113,7 +123,7 @@ def _inputs(cfg, dtype, device, B=2, Cin=5, Cout=6, H=4, W=5):
 @pytest.mark.parametrize("backend,device,dtype", _backend_dtype_params())
 @pytest.mark.parametrize("cfg", CONFIGS, ids=_cfg_id)
 def test_matches_official(backend, device, dtype, cfg):
-    x, w, b, cache = _inputs(cfg, dtype, device)
+    x, w, b, cache = _inputs(cfg, dtype, device, Cin=_ch(backend, 5), Cout=_ch(backend, 6))
     y, _ = _check(backend, x, w, b, cache, cfg[1], cfg[2], dtype)
     assert y.is_contiguous()
     if dtype == torch.float32:  # same rounding points as the reference backend
@@ -125,19 +135,21 @@ def test_layouts(backend, device):
     """channels_last_3d x (y and dx stay channels-last), a non-contiguous view of a wider tensor, and the stride-0
     upstream grad of y.sum().backward()."""
     dt = torch.float16
-    x = randn((2, 6, 3, 4, 5), dt, device).contiguous(memory_format=torch.channels_last_3d)
-    w = randn((7, 6, 3, 3, 3), dt, device, scale=0.3)
-    b = randn((7,), dt, device)
+    ci, co = _ch(backend, 6), _ch(backend, 7)
+    x = randn((2, ci, 3, 4, 5), dt, device).contiguous(memory_format=torch.channels_last_3d)
+    w = randn((co, ci, 3, 3, 3), dt, device, scale=0.3)
+    b = randn((co,), dt, device)
     y, (dx, *_) = _check(backend, x, w, b, None, 1, "replicate", dt)
     assert y.is_contiguous(memory_format=torch.channels_last_3d) and not y.is_contiguous()
     assert dx.is_contiguous(memory_format=torch.channels_last_3d)
 
-    big = randn((2, 9, 4, 6, 11), torch.float32, device)
-    xv = big[:, 2:8, 1:, 1:5, ::2]  # every stride differs from the contiguous one
+    f32 = _dt(backend)
+    big = randn((2, _ch(backend, 6) + 3, 4, 6, 11), f32, device)
+    xv = big[:, 2:2 + _ch(backend, 6), 1:, 1:5, ::2]  # every stride differs from the contiguous one
     assert not xv.is_contiguous() and not xv.is_contiguous(memory_format=torch.channels_last_3d)
-    wv = randn((5, 6, 3, 3, 3), torch.float32, device, scale=0.3)
-    cache = randn((2, 6, 5, 4, 6), torch.float32, device)[:, :, 1:3]  # a strided cache
-    y, _ = _check(backend, xv, wv, None, cache, 1, "replicate", torch.float32)
+    wv = randn((_ch(backend, 5), _ch(backend, 6), 3, 3, 3), f32, device, scale=0.3)
+    cache = randn((2, _ch(backend, 6), 5, 4, 6), f32, device)[:, :, 1:3]  # a strided cache
+    y, _ = _check(backend, xv, wv, None, cache, 1, "replicate", f32)
     assert y.is_contiguous()
 
     xr = xv.detach().requires_grad_(True)
@@ -145,7 +157,7 @@ def test_layouts(backend, device):
         mmkernels.causal_conv3d(xr, wv, time_pad="zeros").sum().backward()
     _, (dx_ref, *_) = _truth(xv, wv, None, None, 1, "zeros",
                              torch.ones(reference.output_shape(xv, wv, 1), device=device))
-    assert_close(xr.grad, dx_ref, dtype=torch.float32, what="dx from a stride-0 grad")
+    assert_close(xr.grad, dx_ref, dtype=f32, what="dx from a stride-0 grad")
 
 
 @pytest.mark.parametrize("cin,cout,blocks", [(20, 18, "16,16,16,4,1"),
@@ -201,16 +213,18 @@ def _stream(backend, x, w, b, sizes, stride, time_pad):
                                                                                       "s2-2_4_3"])
 def test_streaming_equals_whole_video(backend, device, dtype, stride, sizes, time_pad):
     """Chunks of 1, 2, 5 frames (a chunk shorter than kt-1 included) with the cache give the whole-video output:
-    bitwise in fp32, within tolerance in fp16. With stride 2 every chunk but the last has an even length."""
+    bitwise in fp32, within tolerance in fp16 (bitwise on the cuda backend, whose tiles never span two frames). With
+    stride 2 every chunk but the last has an even length."""
     T = sum(sizes)
-    x = randn((2, 4, T, 4, 5), dtype, device)
-    w = randn((6, 4, 3, 3, 3), dtype, device, scale=0.3)
-    b = randn((6,), dtype, device)
+    ci, co = _ch(backend, 4), _ch(backend, 6)
+    x = randn((2, ci, T, 4, 5), dtype, device)
+    w = randn((co, ci, 3, 3, 3), dtype, device, scale=0.3)
+    b = randn((co,), dtype, device)
     with use_backend(backend):
         whole = mmkernels.causal_conv3d(x, w, b, stride=stride, time_pad=time_pad)
     chunked, caches = _stream(backend, x, w, b, sizes, stride, time_pad)
     assert chunked.shape == whole.shape
-    if dtype == torch.float32:
+    if dtype == torch.float32 or backend == "cuda":
         assert torch.equal(chunked, whole)
     else:
         assert_close(chunked, whole, dtype=dtype, what="chunked vs whole")
@@ -226,31 +240,34 @@ def test_streaming_equals_whole_video(backend, device, dtype, stride, sizes, tim
 @pytest.mark.parametrize("backend,device", _backend_params())
 def test_cache_without_grad(backend, device):
     """A cache that needs no gradient (streaming inference): dx and dW only, and frame 0 gets only its own taps."""
-    x, w, b, cache = _inputs(((3, 3, 3), 1, "replicate", True, True, 3), torch.float32, device)
+    f32 = _dt(backend)
+    x, w, b, cache = _inputs(((3, 3, 3), 1, "replicate", True, True, 3), f32, device, Cin=_ch(backend, 5),
+                             Cout=_ch(backend, 6))
     xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    dy = randn(reference.output_shape(x, w, 1), torch.float32, device)
+    dy = randn(reference.output_shape(x, w, 1), f32, device)
     with use_backend(backend):
         mmkernels.causal_conv3d(xr, wr, b, cache=cache).backward(dy)
     _, (dx_ref, dw_ref, _, _) = _truth(x, w, b, cache, 1, "replicate", dy)
-    assert_close(xr.grad, dx_ref, dtype=torch.float32, what="dx")
-    assert_close(wr.grad, dw_ref, dtype=torch.float32, what="dweight")
+    assert_close(xr.grad, dx_ref, dtype=f32, what="dx")
+    assert_close(wr.grad, dw_ref, dtype=f32, what="dweight")
 
 
 @pytest.mark.parametrize("backend,device", _backend_params())
 def test_return_cache(backend, device):
     """new_cache is a fresh tensor with the right frames (T >= kt-1, T < kt-1, kt = 1) and carries gradients."""
-    x = randn((1, 3, 4, 2, 3), torch.float32, device)
-    w3 = randn((2, 3, 3, 1, 1), torch.float32, device)
+    f32, ci, co = _dt(backend), _ch(backend, 3), _ch(backend, 2)
+    x = randn((1, ci, 4, 2, 3), f32, device)
+    w3 = randn((co, ci, 3, 1, 1), f32, device)
     with use_backend(backend):
         _, c = mmkernels.causal_conv3d(x, w3, return_cache=True)
         assert torch.equal(c, x[:, :, 2:]) and c.data_ptr() != x[:, :, 2:].data_ptr()
         _, c1 = mmkernels.causal_conv3d(x[:, :, :1], w3, time_pad="zeros", return_cache=True)
         assert torch.equal(c1, torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :1]], dim=2))
-        prev = randn((1, 3, 2, 2, 3), torch.float32, device)
+        prev = randn((1, ci, 2, 2, 3), f32, device)
         _, c2 = mmkernels.causal_conv3d(x[:, :, 1:2], w3, cache=prev, return_cache=True)
         assert torch.equal(c2, torch.cat([prev[:, :, 1:], x[:, :, 1:2]], dim=2))
-        y1, c3 = mmkernels.causal_conv3d(x, randn((2, 3, 1, 3, 3), torch.float32, device), return_cache=True)
-        assert c3.shape == (1, 3, 0, 2, 3)
+        y1, c3 = mmkernels.causal_conv3d(x, randn((co, ci, 1, 3, 3), f32, device), return_cache=True)
+        assert c3.shape == (1, ci, 0, 2, 3)
 
         xr = x[:, :, :1].clone().requires_grad_(True)
         _, c4 = mmkernels.causal_conv3d(xr, w3, return_cache=True)  # replicate: both cache frames are frame 0
@@ -270,23 +287,24 @@ def test_stride_chunk_phase_is_checked():
 @pytest.mark.parametrize("backend,device", _backend_params())
 def test_empty(backend, device):
     """Empty batch (forward and backward); no frames with a cache or zero padding."""
-    w = randn((4, 3, 3, 3, 3), torch.float32, device)
-    b = randn((4,), torch.float32, device)
-    x = torch.empty((0, 3, 5, 4, 4), device=device, requires_grad=True)
+    f32, ci, co = _dt(backend), _ch(backend, 3), _ch(backend, 4)
+    w = randn((co, ci, 3, 3, 3), f32, device)
+    b = randn((co,), f32, device)
+    x = torch.empty((0, ci, 5, 4, 4), dtype=f32, device=device, requires_grad=True)
     wr = w.clone().requires_grad_(True)
     br = b.clone().requires_grad_(True)
     with use_backend(backend):
         y = mmkernels.causal_conv3d(x, wr, br)
-        assert y.shape == (0, 4, 5, 4, 4)
+        assert y.shape == (0, co, 5, 4, 4)
         y.sum().backward()
         assert x.grad.shape == x.shape and torch.equal(wr.grad, torch.zeros_like(w))
         assert torch.equal(br.grad, torch.zeros_like(b))
-        cache = randn((2, 3, 2, 4, 4), torch.float32, device)
-        y0, c0 = mmkernels.causal_conv3d(torch.empty((2, 3, 0, 4, 4), device=device), w, cache=cache,
+        cache = randn((2, ci, 2, 4, 4), f32, device)
+        y0, c0 = mmkernels.causal_conv3d(torch.empty((2, ci, 0, 4, 4), dtype=f32, device=device), w, cache=cache,
                                          return_cache=True)
-        assert y0.shape == (2, 4, 0, 4, 4) and torch.equal(c0, cache) and c0.data_ptr() != cache.data_ptr()
-        y1 = mmkernels.causal_conv3d(torch.empty((2, 3, 0, 4, 4), device=device), w, time_pad="zeros")
-        assert y1.shape == (2, 4, 0, 4, 4)
+        assert y0.shape == (2, co, 0, 4, 4) and torch.equal(c0, cache) and c0.data_ptr() != cache.data_ptr()
+        y1 = mmkernels.causal_conv3d(torch.empty((2, ci, 0, 4, 4), dtype=f32, device=device), w, time_pad="zeros")
+        assert y1.shape == (2, co, 0, 4, 4)
 
 
 def test_official_module_equivalence():
@@ -335,15 +353,16 @@ def test_fp64_and_autocast_on_torch_backend():
 
 @pytest.mark.parametrize("backend,device", _backend_params())
 def test_opcheck(backend, device):
-    x = randn((2, 3, 3, 4, 5), torch.float32, device)
+    f32, ci, co = _dt(backend), _ch(backend, 3), _ch(backend, 4)
+    x = randn((2, ci, 3, 4, 5), f32, device)
     xl = x.contiguous(memory_format=torch.channels_last_3d)
-    w = randn((4, 3, 3, 3, 3), torch.float32, device)
-    b = randn((4,), torch.float32, device)
-    cache = randn((2, 3, 2, 4, 5), torch.float32, device)
+    w = randn((co, ci, 3, 3, 3), f32, device)
+    b = randn((co,), f32, device)
+    cache = randn((2, ci, 2, 4, 5), f32, device)
     fwd = torch.ops.mmkernels.causal_conv3d_fwd.default
     torch.library.opcheck(fwd, (x, w, b, None, 1, True, backend))
     torch.library.opcheck(fwd, (xl, w, None, cache, 2, False, backend))
-    dy = randn((2, 4, 3, 4, 5), torch.float32, device)
+    dy = randn((2, co, 3, 4, 5), f32, device)
     bwd = torch.ops.mmkernels.causal_conv3d_bwd.default
     torch.library.opcheck(bwd, (dy, x, w, cache, 1, True, [True, True, True, True], backend))
     torch.library.opcheck(bwd, (dy, xl, w, None, 1, True, [True, False, True, False], backend))
@@ -355,10 +374,12 @@ def test_opcheck(backend, device):
 def test_torch_compile_fullgraph(backend, device, compiler):
     def block(x, w, b, cache):
         y, new_cache = mmkernels.causal_conv3d(x * 2.0, w, b, cache=cache, return_cache=True)
-        return y.square().mean() + new_cache.sum()
+        # An fp32 loss (a no-op cast for fp32): check_compiled compares at the fp32 tolerance.
+        return y.float().square().mean() + new_cache.float().sum()
 
-    inputs = (randn((1, 3, 3, 3, 4), torch.float32, device), randn((4, 3, 3, 3, 3), torch.float32, device),
-              randn((4,), torch.float32, device), randn((1, 3, 2, 3, 4), torch.float32, device))
+    f32, ci, co = _dt(backend), _ch(backend, 3), _ch(backend, 4)
+    inputs = (randn((1, ci, 3, 3, 4), f32, device), randn((co, ci, 3, 3, 3), f32, device),
+              randn((co,), f32, device), randn((1, ci, 2, 3, 4), f32, device))
     check_compiled(block, inputs, backend, compiler)
 
 
@@ -439,8 +460,9 @@ class TestBadInput:
         with use_backend("triton"), pytest.raises(BackendError, match="float64"):
             self._call(self.x.double(), self.w.double())
 
-    def test_no_cuda_backend(self):
-        with use_backend("cuda"), pytest.raises(BackendError, match="no 'cuda' backend"):
+    def test_cuda_backend_refuses_cpu_tensors(self):
+        # No GPU, no _C, or CPU tensors: whichever applies, a named backend never falls back silently.
+        with use_backend("cuda"), pytest.raises(BackendError, match="backend 'cuda' was requested"):
             self._call(self.x, self.w)
 
 
@@ -457,3 +479,154 @@ def test_gpu_tensor_core_sizes(dtype, layout):
         w = randn((cout, cin, 3, 3, 3), dtype, "cuda", scale=(cin * 27) ** -0.5)
         b = randn((cout,), dtype, "cuda")
         _check("triton", x, w, b, None, 1, "replicate", dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The cuda backend's two forward kernels (MMKERNELS_CONV3D_CUDA_KERNEL=sm80|sm90) and its Python glue.
+
+# (B, Cin, Cout, T, H, W, (kt, kh, kw), stride, time_pad, cache, bias, layout): Cin = 8 (every K tile spans several
+# taps), several M tiles with a tail (20 x 24 = 480 positions), N tiles with an 8-channel tail (136), a K that is not
+# a multiple of the K tile (27 * 24), caches, zero padding, stride 2, even kernels (H+1, W+1), a 1x1x1 conv, T = 1,
+# NCDHW and channels-last x.
+KERNEL_CASES = [
+    (1, 8, 8, 3, 5, 7, (3, 3, 3), 1, "replicate", False, True, "cl"),
+    (2, 64, 136, 5, 20, 24, (3, 3, 3), 1, "replicate", False, True, "cl"),
+    (1, 24, 40, 4, 9, 11, (3, 3, 3), 2, "zeros", True, False, "ncdhw"),
+    (2, 16, 16, 5, 6, 6, (3, 3, 3), 2, "zeros", False, True, "cl"),
+    (1, 128, 64, 3, 16, 16, (1, 1, 1), 1, "replicate", False, True, "cl"),
+    (1, 40, 24, 3, 7, 6, (2, 2, 2), 1, "replicate", True, True, "ncdhw"),
+    (1, 32, 32, 1, 33, 31, (3, 3, 3), 1, "replicate", False, False, "cl"),
+]
+
+
+def _kernel_case_id(case):
+    B, ci, co, T, H, W, k, s, tp, cache, bias, layout = case
+    return f"B{B}-c{ci}x{co}-{T}x{H}x{W}-k{''.join(map(str, k))}-s{s}-{tp[:3]}" + ("-cache" if cache else "") + \
+        f"-{layout}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kernel", ["sm80", "sm90"])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=_kernel_case_id)
+def test_cuda_forward_kernels_match_official(kernel, dtype, case, monkeypatch):
+    """Each CUDA forward kernel, picked through MMKERNELS_CONV3D_CUDA_KERNEL, against the fp64 official-style truth
+    (forward only: the backward is Triton's, tested above). sm90 is skipped (with the reason) off Hopper or without
+    9.0a in the build."""
+    from mmkernels import _ext
+    from mmkernels.ops.causal_conv3d import cuda as conv_cuda
+
+    if _ext.C is None:
+        pytest.skip(f"mmkernels._C is not built: {_ext.C_ERROR}")
+    if kernel == "sm90":
+        try:
+            conv_cuda.select_kernel("sm90", torch.cuda.get_device_capability(), _ext.compiled_archs())
+        except RuntimeError as e:
+            pytest.skip(f"the sm_90a kernel cannot run here: {e}")
+    monkeypatch.setenv(conv_cuda.KERNEL_ENV, kernel)
+    expected_fn = _ext.C.causal_conv3d_fwd_sm90 if kernel == "sm90" else _ext.C.causal_conv3d_fwd
+    assert conv_cuda._forward_fn(torch.device("cuda")) is expected_fn
+    B, ci, co, T, H, W, (kt, kh, kw), stride, time_pad, with_cache, with_bias, layout = case
+    x = randn((B, ci, T, H, W), dtype, "cuda")
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    w = randn((co, ci, kt, kh, kw), dtype, "cuda", scale=(ci * kt * kh * kw) ** -0.5)
+    b = randn((co,), dtype, "cuda") if with_bias else None
+    cache = randn((B, ci, kt - 1, H, W), dtype, "cuda") if with_cache else None
+    with use_backend("cuda"):
+        y = mmkernels.causal_conv3d(x, w, b, stride=stride, time_pad=time_pad, cache=cache)
+        again = mmkernels.causal_conv3d(x, w, b, stride=stride, time_pad=time_pad, cache=cache)
+    truth = official(*(t.double() if t is not None else None for t in (x, w, b)), stride, time_pad,
+                     cache.double() if cache is not None else None)
+    assert y.dtype == dtype and y.shape == truth.shape
+    assert y.is_contiguous(memory_format=torch.channels_last_3d if layout == "cl" else torch.contiguous_format)
+    assert_close(y, truth, dtype=dtype, what=f"{kernel} y")
+    assert torch.equal(y, again)  # deterministic
+
+
+@pytest.mark.gpu
+def test_cuda_sm90_kernel_is_refused_off_hopper(monkeypatch):
+    """Off Hopper, asking for the sm_90a kernel is a clear error (from the Python selection and from _C itself)."""
+    from mmkernels import _ext
+
+    if _ext.C is None:
+        pytest.skip(f"mmkernels._C is not built: {_ext.C_ERROR}")
+    if torch.cuda.get_device_capability()[0] == 9:
+        pytest.skip("this GPU is a Hopper: the sm_90a kernel is allowed here")
+    x = randn((1, 8, 2, 4, 4), torch.float16, "cuda").contiguous(memory_format=torch.channels_last_3d)
+    w = randn((8, 8, 3, 3, 3), torch.float16, "cuda")
+    monkeypatch.setenv("MMKERNELS_CONV3D_CUDA_KERNEL", "sm90")
+    with use_backend("cuda"), pytest.raises(RuntimeError, match="CONV3D_CUDA_KERNEL=sm90.*compute capability"):
+        mmkernels.causal_conv3d(x, w)
+    with pytest.raises(ValueError, match="runs only on Hopper"):
+        _ext.C.causal_conv3d_fwd_sm90(x, w.permute(0, 2, 3, 4, 1).contiguous(), None, None, 1, True)
+
+
+@pytest.mark.parametrize("choice,capability,archs,expected", [
+    ("auto", (9, 0), ["8.0", "9.0a"], "sm90"),
+    ("", (9, 0), ["8.0", "9.0a"], "sm90"),
+    ("auto", (9, 0), ["8.0"], "sm80"),  # no sm_90a image: the sm_80 cubin runs on Hopper
+    ("auto", (8, 0), ["8.0", "9.0a"], "sm80"),
+    ("auto", (10, 0), ["8.0", "9.0a"], "sm80"),
+    (" SM80 ", (9, 0), ["8.0", "9.0a"], "sm80"),
+    ("sm90", (9, 0), ["9.0a"], "sm90"),
+])
+def test_cuda_kernel_selection(choice, capability, archs, expected):
+    from mmkernels.ops.causal_conv3d import cuda as conv_cuda
+
+    assert conv_cuda.select_kernel(choice, capability, archs) == expected
+
+
+@pytest.mark.parametrize("choice,capability,archs,exc,match", [
+    ("sm75", (9, 0), ["8.0", "9.0a"], ValueError,
+     r"MMKERNELS_CONV3D_CUDA_KERNEL='sm75' is not one of auto, sm80, sm90"),
+    ("sm90", (8, 0), ["8.0", "9.0a"], RuntimeError, r"sm90.*compute capability 8\.0"),
+    ("sm90", (9, 0), ["8.0"], RuntimeError, "without 9.0a"),
+])
+def test_cuda_kernel_selection_rejects_clearly(choice, capability, archs, exc, match):
+    from mmkernels.ops.causal_conv3d import cuda as conv_cuda
+
+    with pytest.raises(exc, match=match):
+        conv_cuda.select_kernel(choice, capability, archs)
+
+
+def test_cuda_supports_says_why(monkeypatch):
+    """The cuda backend's own limits, past the device checks (patched out so that they can be checked here): fp32,
+    channel counts that are not multiples of 8, no Triton for the backward."""
+    from mmkernels import _backend
+    from mmkernels.ops.causal_conv3d import cuda as conv_cuda
+
+    monkeypatch.setattr(_backend, "cuda_supports_tensors", lambda *tensors, dtypes=None: None)
+    monkeypatch.setattr(_backend, "triton_available", lambda: None)
+    x = torch.empty((1, 16, 3, 4, 4), dtype=torch.float16, device="meta")
+    w = torch.empty((24, 16, 3, 3, 3), dtype=torch.float16, device="meta")
+    assert conv_cuda.supports(x, w) is None
+    assert "multiples of 8" in conv_cuda.supports(x[:, :12], w[:, :12])
+    assert "multiples of 8" in conv_cuda.supports(x, w[:20])
+    assert "Triton backend" in conv_cuda.supports(x.float(), w.float())
+    monkeypatch.setattr(_backend, "triton_available", lambda: "triton is not importable")
+    assert "Triton backward" in conv_cuda.supports(x, w)
+
+
+def test_cuda_glue_layouts():
+    """The weight reorder ([Cout, kt, kh, kw, Cin], no copy when the weight already has that memory order) and the
+    channels-last input rule (no copy for an aligned channels_last_3d tensor, one copy otherwise)."""
+    from mmkernels.ops.causal_conv3d import cuda as conv_cuda
+
+    w = randn((24, 16, 3, 2, 1))
+    r = conv_cuda.reordered_weight(w)
+    assert r.is_contiguous() and torch.equal(r, w.permute(0, 2, 3, 4, 1))
+    w_cl = w.contiguous(memory_format=torch.channels_last_3d)
+    assert conv_cuda.reordered_weight(w_cl).data_ptr() == w_cl.data_ptr()
+
+    x = randn((2, 8, 3, 4, 5), torch.float16)
+    for t in (x, x[:, :, :, :, 1:]):  # NCDHW and a view: copied
+        c = conv_cuda._channels_last(t)
+        assert c.is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(c, t)
+    x_cl = x.contiguous(memory_format=torch.channels_last_3d)
+    assert conv_cuda._channels_last(x_cl) is x_cl
+    storage = torch.empty(x.numel() + 1, dtype=torch.float16)
+    shifted = storage[1:].as_strided(x_cl.shape, x_cl.stride())  # channels-last, start 2 bytes past 16-byte alignment
+    shifted.copy_(x_cl)
+    c = conv_cuda._channels_last(shifted)
+    assert c.data_ptr() % 16 == 0 and c.is_contiguous(memory_format=torch.channels_last_3d) and torch.equal(c, x)

@@ -16,13 +16,9 @@ from tests.ops.common import backend_dtype_params, backend_params, check_compile
 CL3D = torch.channels_last_3d
 
 
-def _no_cuda_backend(params):
-    """This op has torch and Triton backends only (no mmkernels._C kernels)."""
-    return [p for p in params if p.values[0] != "cuda"]
-
-
-BACKEND_DTYPES = _no_cuda_backend(backend_dtype_params())
-BACKENDS = _no_cuda_backend(backend_params())
+# Every backend (torch, Triton, and the cuda backend's kernels on a GPU) runs every case.
+BACKEND_DTYPES = backend_dtype_params()
+BACKENDS = backend_params()
 
 
 def _x(shape, dtype, device, layout):
@@ -143,6 +139,12 @@ def test_small_tiles_many_programs(backend, device, monkeypatch):
         monkeypatch.setattr(gn_triton, "MAX_BLOCK_C", 4)
         monkeypatch.setattr(gn_triton, "_target_programs", lambda device: 16)
         monkeypatch.setattr(gn_triton, "_off64", lambda *args: True)  # the 64-bit in-row offset path
+    elif backend == "cuda":
+        from mmkernels.ops.group_norm_silu import cuda as gn_cuda
+
+        # 2-thread blocks: several channel tiles, several column tiles with a tail, one row per program.
+        monkeypatch.setattr(gn_cuda, "BLOCK_THREADS", 2)
+        monkeypatch.setattr(gn_cuda, "TARGET_PROGRAMS", 1 << 20)
     for layout in ("ncdhw", "cl"):
         case = ("", (1, 12, 5, 2, 7), 3, layout, ("src", (3, 1, 7)), ("src", (3, 1, 7)), True, True, True)
         x, G, w, b, sc, sh, silu = _inputs(case, torch.float32, device)
@@ -425,8 +427,9 @@ class TestBadInput:
         with pytest.raises(TypeError, match="'silu' must be a bool"):
             self._call(2, silu=1)
 
-    def test_no_cuda_backend(self):
-        with use_backend("cuda"), pytest.raises(BackendError, match="no 'cuda' backend"):
+    def test_cuda_backend_refuses_cpu_tensors(self):
+        # No GPU, no _C, or CPU tensors: whichever applies, a named backend never falls back silently.
+        with use_backend("cuda"), pytest.raises(BackendError, match="backend 'cuda' was requested"):
             self._call(2)
 
     def test_triton_backend_rejects_fp64(self):
@@ -447,3 +450,46 @@ class TestBadInput:
     def test_triton_interpreter_rejects_bf16(self):
         with use_backend("triton"), pytest.raises(BackendError, match="bfloat16"):
             self._call(2, x=torch.randn(self.X, dtype=torch.bfloat16))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The cuda backend (csrc/group_norm_silu/).
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("layout", ["cl", "ncdhw"])
+def test_cuda_decoder_sizes(dtype, layout):
+    """The cuda kernels at ST-VAE-decoder-like sizes against fp64 autograd: C = 64 channels-last takes the 16-byte
+    vector path (C a multiple of 16 bytes' worth of channels), NCDHW the coalesced scalar path; latent scale/shift
+    with the first-frame rule (T 9 from 3) and H, W x8, then plain GroupNorm + SiLU (the virtual source grid of the
+    backward); several row chunks and column tiles."""
+    from mmkernels import _ext
+
+    if _ext.C is None:
+        pytest.skip(f"mmkernels._C is not built: {_ext.C_ERROR}")
+    for mod in (("src", (3, 4, 3)), None):
+        case = ("", (2, 64, 9, 32, 24), 32, layout, mod, mod, True, True, True)
+        x, G, w, b, sc, sh, silu = _inputs(case, dtype, "cuda")
+        dy = randn(x.shape, dtype, "cuda")
+        got = _run("cuda", x, G, w, b, sc, sh, silu, dy)
+        want = _truth(x, G, w, b, sc, sh, silu, dy)
+        assert got[0].stride() == x.stride()
+        for name, g, r, inp in zip(NAMES, got, want, (x, x, w, b, sc, sh)):
+            if inp is not None:
+                assert_close(g, r, dtype=dtype, what=f"{name} (scale/shift: {mod is not None})")
+
+
+def test_cuda_supports_says_why(monkeypatch):
+    """The cuda backend's own limits, past the device checks (patched out so that they can be checked here)."""
+    from mmkernels import _backend
+    from mmkernels.ops.group_norm_silu import cuda as gn_cuda
+
+    monkeypatch.setattr(_backend, "cuda_supports_tensors", lambda *tensors, dtypes=None: None)
+    x = torch.empty((2, 4, 3, 4, 4), device="meta")
+    assert gn_cuda.supports(x, 2, None, None, 1e-6, None, None, True) is None
+    x6 = torch.empty((1, 4, 2, 2, 2, 2), device="meta")
+    assert gn_cuda.supports(x6, 2, None, None, 1e-6, None, None, True) is None
+    assert "more than 3 spatial dims" in gn_cuda.supports(x6, 2, None, None, 1e-6, x6, None, True)
+    assert "batch of 65536" in gn_cuda.supports(torch.empty((65536, 4, 2), device="meta"), 2, None, None, 1e-6,
+                                                None, None, True)

@@ -7,7 +7,7 @@ an implicit GEMM (triton.py); the torch backend (reference.py) is the literal de
 
 Registered as the custom ops ``mmkernels::causal_conv3d_fwd`` and ``mmkernels::causal_conv3d_bwd``
 (torch.library) with fake implementations and autograd: it passes ``torch.library.opcheck`` and runs under
-``torch.compile(fullgraph=True)``. There is no CUDA (``mmkernels._C``) backend.
+``torch.compile(fullgraph=True)``. The experimental ``cuda`` backend (cuda.py) has CUDA forward kernels only.
 
 Cost per call, with M = B*T_out*H_out*W_out output positions, N = Cout, K = Cin*kt*kh*kw, s = bytes per element:
 
@@ -41,9 +41,18 @@ def _triton_supports(x, weight, bias=None, cache=None) -> _backend.Reason:
     return _backend.triton_supports_tensors(x, weight, bias, cache, dtypes=_KERNEL_DTYPES)
 
 
+def _cuda_supports(x, weight, bias=None, cache=None) -> _backend.Reason:
+    from mmkernels.ops.causal_conv3d import cuda as conv_cuda
+
+    return conv_cuda.supports(x, weight, bias, cache)
+
+
 _OP.register(_backend.Backend("torch", "mmkernels.ops.causal_conv3d.reference"))
 _OP.register(_backend.Backend("triton", "mmkernels.ops.causal_conv3d.triton", available=_backend.triton_available,
                               supports=_triton_supports))
+_OP.register(_backend.Backend("cuda", "mmkernels.ops.causal_conv3d.cuda", available=_backend.cuda_available,
+                              supports=_cuda_supports,
+                              experimental="its kernels have not yet passed their tests on a GPU"))
 
 
 def _impl(backend: str, x, weight, bias, cache, stride: int):

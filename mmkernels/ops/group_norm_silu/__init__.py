@@ -8,7 +8,7 @@ the nearest map, and activation-sized scale/shift tensors never exist.
 
 Registered as the custom ops ``mmkernels::group_norm_silu_fwd`` and ``mmkernels::group_norm_silu_bwd``
 (torch.library), with fake implementations and autograd, so it passes ``torch.library.opcheck`` and runs under
-``torch.compile(fullgraph=True)``. There is no CUDA (``_C``) backend for this op.
+``torch.compile(fullgraph=True)``. The experimental ``cuda`` backend (cuda.py) has CUDA kernels for both passes.
 
 Cost (s = bytes per element of x; N = B*C*prod(spatial); M = the elements of one of scale/shift, small at latent
 resolution; per-channel and per-group vectors and partial sums are under 1% at the ST-VAE shapes and not counted)::
@@ -47,9 +47,18 @@ def _triton_supports(x, num_groups, weight, bias, eps, scale, shift, silu) -> _b
     return why
 
 
+def _cuda_supports(x, num_groups, weight, bias, eps, scale, shift, silu) -> _backend.Reason:
+    from mmkernels.ops.group_norm_silu import cuda as gn_cuda
+
+    return gn_cuda.supports(x, num_groups, weight, bias, eps, scale, shift, silu)
+
+
 _OP.register(_backend.Backend("torch", "mmkernels.ops.group_norm_silu.reference"))
 _OP.register(_backend.Backend("triton", "mmkernels.ops.group_norm_silu.triton", available=_backend.triton_available,
                               supports=_triton_supports))
+_OP.register(_backend.Backend("cuda", "mmkernels.ops.group_norm_silu.cuda", available=_backend.cuda_available,
+                              supports=_cuda_supports,
+                              experimental="its kernels have not yet passed their tests on a GPU"))
 
 
 def _impl(backend: str, x, num_groups, weight, bias, eps, scale, shift, silu):

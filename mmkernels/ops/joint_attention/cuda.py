@@ -34,26 +34,13 @@ from mmkernels.ops.joint_attention import triton as _triton
 HEAD_DIMS = (64, 72, 80, 96, 128)  # the head dims csrc/joint_attention instantiates
 DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_ENV = "MMKERNELS_JA_CUDA_KERNEL"
-KERNELS = ("auto", "sm80", "sm90")
+KERNELS = _ext.SM_KERNELS
 
 
 def select_kernel(choice: str, capability: tuple[int, int], archs: Sequence[str]) -> str:
-    """Return "sm80" or "sm90", the forward kernel for ``choice`` (a KERNELS value, as in the environment variable) on a
-    device of ``capability`` with an extension built for ``archs`` (e.g. ['8.0', '9.0a'])."""
-    value = (choice or "auto").strip().lower()
-    if value not in KERNELS:
-        raise ValueError(f"mmkernels.joint_attention: environment variable {KERNEL_ENV}={choice!r} is not one of "
-                         f"{', '.join(KERNELS)}")
-    hopper = capability[0] == 9
-    has_90a = any(a.strip().replace("+PTX", "") == "9.0a" for a in archs)
-    if value == "auto":
-        return "sm90" if hopper and has_90a else "sm80"
-    if value == "sm90" and not (hopper and has_90a):
-        why = (f"the device has compute capability {capability[0]}.{capability[1]}" if not hopper else
-               f"mmkernels._C was built for {';'.join(archs) or 'no arch'}, without 9.0a")
-        raise RuntimeError(f"mmkernels.joint_attention: {KERNEL_ENV}=sm90 asks for the Hopper (sm_90a) kernel, but "
-                           f"{why}; it needs a compute-capability-9.x GPU and 9.0a in TORCH_CUDA_ARCH_LIST")
-    return value
+    """Return "sm80" or "sm90", the forward kernel for ``choice`` (a KERNELS value, as in the environment variable)
+    on a device of ``capability`` with an extension built for ``archs`` (e.g. ['8.0', '9.0a']); see _ext.select_sm_kernel."""
+    return _ext.select_sm_kernel("joint_attention", KERNEL_ENV, choice, capability, archs)
 
 
 def _forward_fn(device: torch.device):
