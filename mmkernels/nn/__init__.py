@@ -1,7 +1,7 @@
 """nn.Module wrappers over mmkernels ops, state-dict compatible with the modules they replace."""
 
-from mmkernels.nn.joint_attention import JointAttention
+from mmkernels.nn.joint_attention import JointAttention, Segment
 from mmkernels.nn.rms_norm import RMSNorm
 from mmkernels.nn.rope import RotaryEmbedding3D
 
-__all__ = ["JointAttention", "RMSNorm", "RotaryEmbedding3D"]
+__all__ = ["JointAttention", "RMSNorm", "RotaryEmbedding3D", "Segment"]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -18,6 +19,37 @@ def _positive_int(name: str, v) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError(f"{_NAME}: argument '{name}' must be a positive int, got {v!r}")
     return v
+
+
+class Segment(NamedTuple):
+    """One independent attention problem inside packed streams (see :meth:`JointAttention.forward`).
+
+    ``lengths``: its token count in each stream, in stream order (0 allowed); ``grid``: its RoPE grid (T, H, W) with
+    T*H*W == sum(lengths), or None for no RoPE."""
+
+    lengths: tuple
+    grid: Optional[tuple] = None
+
+
+def _segment_slices(segments, stream_lengths, streams):
+    """[(per-stream slices, grid)] for ``segments``, checked against the packed stream lengths."""
+    if isinstance(segments, (str, bytes)) or not isinstance(segments, Sequence) or len(segments) == 0:
+        raise ValueError(f"{_NAME}.forward: argument 'segments' must be a non-empty sequence of Segment, got "
+                         f"{segments!r}")
+    offsets = [0] * len(streams)
+    plan = []
+    for i, seg in enumerate(segments):
+        lengths, grid = (seg.lengths, seg.grid) if isinstance(seg, Segment) else (None, None)
+        if (lengths is None or len(lengths) != len(streams)
+                or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in lengths)):
+            raise ValueError(f"{_NAME}.forward: segments[{i}] must be a Segment with one length >= 0 per stream "
+                             f"({', '.join(streams)}), got {seg!r}")
+        plan.append(([slice(o, o + n) for o, n in zip(offsets, lengths)], None if grid is None else tuple(grid)))
+        offsets = [o + n for o, n in zip(offsets, lengths)]
+    if offsets != list(stream_lengths):
+        raise ValueError(f"{_NAME}.forward: the segments' lengths sum to {offsets} per stream, but the packed "
+                         f"streams have lengths {list(stream_lengths)}")
+    return plan
 
 
 class JointAttention(nn.Module):
@@ -55,6 +87,12 @@ class JointAttention(nn.Module):
 
     It returns a tuple of S tensors [B, L_s, dim]. ``deterministic=True`` asks the op for bitwise-reproducible
     gradients.
+
+    Packed sequences (``segments``, instead of ``grid``): each stream tensor holds several independent sequences one
+    after another along L, the same split in every batch row; ``segments[i]`` = :class:`Segment` (its length in
+    each stream, its own RoPE grid). Segment i attends only within itself, over its parts of every stream in stream
+    order, exactly as if it were run alone; all projections run once over the packed tokens. LaVin-DiT's batched
+    classifier-free guidance packs the conditional and the (shorter) unconditional sequence this way.
 
     There is no dropout: the official ``attn_drop`` / ``proj_drop`` are 0 in every released configuration and have
     no state, so leaving them out changes neither the outputs nor the state dict.
@@ -140,6 +178,7 @@ class JointAttention(nn.Module):
                 nn.init.ones_(getattr(self, f"{s}_knorm").weight)
 
     def forward(self, *hs: torch.Tensor, grid: Optional[Sequence[int]] = None,
+                segments: Optional[Sequence[Segment]] = None,
                 deterministic: bool = False) -> tuple[torch.Tensor, ...]:
         S = len(self.streams)
         if len(hs) != S:
@@ -176,16 +215,29 @@ class JointAttention(nn.Module):
             if autocast:  # apex FusedRMSNorm casts its weight to the autocast dtype too
                 q_norm = [w.to(dtype) for w in q_norm]
                 k_norm = [w.to(dtype) for w in k_norm]
-        rope = None if grid is None else RoPE3DSpec(grid, split=self.rope_split, base=self.rope_base)
         kwargs = dict(num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, q_norm=q_norm, k_norm=k_norm,
-                      norm_eps=self.norm_eps, norm=self.norm, rope=rope, deterministic=deterministic)
-        if autocast:
-            # The op computes its statistics in fp32 itself; autocast would recast its internal matmuls to the
-            # low-precision dtype (and make the output dtype differ from the op's fake implementation).
-            with torch.autocast(device_type, enabled=False):
-                outs = joint_attention(qs, ks, vs, **kwargs)
+                      norm_eps=self.norm_eps, norm=self.norm, deterministic=deterministic)
+        if segments is None:
+            plan = [(None, grid)]
         else:
-            outs = joint_attention(qs, ks, vs, **kwargs)
+            if grid is not None:
+                raise ValueError(f"{_NAME}.forward: pass either 'grid' or 'segments' (each segment has its own grid),"
+                                 " not both")
+            plan = _segment_slices(segments, [h.shape[1] for h in hs], self.streams)
+        # The op computes its statistics in fp32 itself; autocast would recast its internal matmuls to the
+        # low-precision dtype (and make the output dtype differ from the op's fake implementation).
+        with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
+            parts = []
+            for slices, g in plan:
+                rope = None if g is None else RoPE3DSpec(g, split=self.rope_split, base=self.rope_base)
+                if slices is None:
+                    parts.append(joint_attention(qs, ks, vs, rope=rope, **kwargs))
+                else:  # views along L: the op takes any strides
+                    parts.append(joint_attention([t[:, sl] for t, sl in zip(qs, slices)],
+                                                 [t[:, sl] for t, sl in zip(ks, slices)],
+                                                 [t[:, sl] for t, sl in zip(vs, slices)], rope=rope, **kwargs))
+        # Per stream: the segments' outputs back in packed order (one copy), then one projection over all of them.
+        outs = parts[0] if len(parts) == 1 else [torch.cat(o, dim=1) for o in zip(*parts)]
         return tuple(getattr(self, f"{s}_proj")(o) for s, o in zip(self.streams, outs))
 
     def extra_repr(self) -> str:

@@ -33,7 +33,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import mmkernels
-from mmkernels.nn import JointAttention
+from mmkernels.nn import JointAttention, Segment
+from models.lavin_dit import sampler
 from models.lavin_dit.config import JDiTConfig
 
 FREQ_DIM = 256  # sinusoidal timestep features
@@ -98,11 +99,12 @@ class JDiTBlock(nn.Module):
         self.drop_path = drop_path
         self.grad_checkpointing = cfg.grad_checkpointing
 
-    def forward(self, cond, x, t_cond, t_x, grid: Sequence[int], last: bool = False):
+    def forward(self, cond, x, t_cond, t_x, grid: Optional[Sequence[int]], last: bool = False, segments=None):
         B, D = x.shape[0], x.shape[-1]
         mc = self.cond_modulation(t_cond).view(B, 4, 1, D).unbind(1)  # scale_msa, gate_msa, scale_mlp, gate_mlp
         mx = self.x_modulation(t_x).view(B, 4, 1, D).unbind(1)
-        ac, ax = self.joint_attn(mmkernels.adarn(cond, scale=mc[0]), mmkernels.adarn(x, scale=mx[0]), grid=grid)
+        ac, ax = self.joint_attn(mmkernels.adarn(cond, scale=mc[0]), mmkernels.adarn(x, scale=mx[0]), grid=grid,
+                                 segments=segments)
         x = _residual(x, ax, mx[1], self.drop_path, self.training)
         x = _residual(x, self.x_mlp(mmkernels.adarn(x, scale=mx[2])), mx[3], self.drop_path, self.training)
         if last:  # the cond stream of the last block never reaches the output
@@ -193,20 +195,60 @@ class JDiT(nn.Module):
         if not isinstance(t, torch.Tensor) or t.shape != (B,):
             raise ValueError(f"JDiT.forward: argument 't' must be a tensor of shape [{B}], got "
                              f"{getattr(t, 'shape', type(t).__name__)}")
-        Tc = cond.shape[1]
-        c = self.cond_embedder(cond.reshape(B, -1, cfg.patch_dim).to(self.cond_embedder[0].weight.dtype))
-        h = self.x_embedder(x.reshape(B, -1, cfg.patch_dim).to(self.x_embedder[0].weight.dtype))
+        out = self._tokens(cond.reshape(B, -1, cfg.patch_dim), x.reshape(B, -1, cfg.patch_dim), t,
+                           grid=(cond.shape[1] + Tx, H, W))
+        return unpatchify(out, Tx, H, W, cfg.patch_size, cfg.in_channels).float()
+
+    def _tokens(self, cond, x, t, grid=None, segments=None):
+        """The trunk on token sequences: cond [B, L_c, p*p*C], x [B, L_x, p*p*C] -> [B, L_x, p*p*C] (the final
+        layer's output, model dtype), with one RoPE ``grid`` over [cond; x] or packed ``segments``."""
+        c = self.cond_embedder(cond.to(self.cond_embedder[0].weight.dtype))
+        h = self.x_embedder(x.to(self.x_embedder[0].weight.dtype))
         temb = self.t_embedder(t)
         t_cond, t_x = temb + self.prompt_embed, temb + self.answer_embed
-        grid = (Tc + Tx, H, W)
         n = len(self.blocks)
         for i, blk in enumerate(self.blocks):
             if blk.grad_checkpointing and torch.is_grad_enabled():
-                c, h = checkpoint(blk, c, h, t_cond, t_x, grid, i == n - 1, use_reentrant=False)
+                c, h = checkpoint(blk, c, h, t_cond, t_x, grid, i == n - 1, segments, use_reentrant=False)
             else:
-                c, h = blk(c, h, t_cond, t_x, grid, last=i == n - 1)
-        out = self.final_layer(h, t_x)
-        return unpatchify(out, Tx, H, W, cfg.patch_size, cfg.in_channels).float()
+                c, h = blk(c, h, t_cond, t_x, grid, last=i == n - 1, segments=segments)
+        return self.final_layer(h, t_x)
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, cond_null: torch.Tensor,
+                         cfg_scale: float, *, batched: bool = True) -> torch.Tensor:
+        """The guided velocity ``v_u + cfg_scale * (v_c - v_u)`` [B, C, T_x, p*H, p*W] (fp32), where v_c is the
+        velocity given ``cond`` [B, T_c, H, W, p*p*C] and v_u given ``cond_null`` [B, T_n, H, W, p*p*C] (the
+        official unconditional context [zero frame, query]: T_n < T_c in general), for the same ``x``
+        [B, T_x, H, W, p*p*C] and ``t`` [B].
+
+        ``batched=False`` is the official ``forward_with_cfg``: two forward passes, since the two sequences differ
+        in length. ``batched=True`` runs one pass: per sample, the conditional and the unconditional sequence are
+        packed one after the other along the token axis ([cond; cond_null] in the cond stream, [x; x] in the target
+        stream), every per-token layer runs once over all of them, and attention runs per sequence with its own
+        RoPE grid (:class:`mmkernels.nn.Segment`), so each sequence sees exactly what it sees alone. The two modes
+        agree up to floating-point summation order.
+        """
+        cfg = self.config
+        for v, name in ((x, "x"), (cond, "cond"), (cond_null, "cond_null")):
+            self._check(v, name)
+        B, Tx, H, W, _ = x.shape
+        for v, name in ((cond, "cond"), (cond_null, "cond_null")):
+            if v.shape[0] != B or v.shape[2:4] != x.shape[2:4]:
+                raise ValueError(f"JDiT.forward_with_cfg: {name!r} {tuple(v.shape)} must share B, H and W with 'x' "
+                                 f"{tuple(x.shape)}")
+        if not isinstance(t, torch.Tensor) or t.shape != (B,):
+            raise ValueError(f"JDiT.forward_with_cfg: argument 't' must be a tensor of shape [{B}], got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
+        if not batched:
+            v_c, v_u = self(x, t, cond), self(x, t, cond_null)
+        else:
+            Tc, Tn, hw = cond.shape[1], cond_null.shape[1], H * W
+            xt = x.reshape(B, -1, cfg.patch_dim)
+            segments = (Segment((Tc * hw, Tx * hw), (Tc + Tx, H, W)), Segment((Tn * hw, Tx * hw), (Tn + Tx, H, W)))
+            packed_cond = torch.cat([cond.reshape(B, -1, cfg.patch_dim), cond_null.reshape(B, -1, cfg.patch_dim)], 1)
+            out = self._tokens(packed_cond, torch.cat([xt, xt], 1), t, segments=segments)
+            v_c, v_u = (unpatchify(o, Tx, H, W, cfg.patch_size, cfg.in_channels).float() for o in out.chunk(2, dim=1))
+        return sampler.cfg_combine(v_c, v_u, cfg_scale)
 
     def _check(self, v, name):
         if not isinstance(v, torch.Tensor) or v.dim() != 5 or v.shape[-1] != self.config.patch_dim:

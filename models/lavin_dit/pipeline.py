@@ -5,10 +5,15 @@ is VAE-encoded (each element on its own, as the official code encodes each frame
 [3, 1+4m, H, W] is one clip), normalized for the DiT ((z - shift) * scale), and the target latent is sampled from
 noise with the flow ODE (Euler, official grids) under classifier-free guidance, then decoded.
 
-Classifier-free guidance runs as the official code does: two DiT passes per step, one on the full context and one on
-the unconditional context [zero frame, query] (``flow.uncond_context``). The two sequences have different lengths
-and different RoPE positions (the target sits at t = 2k+1 in one and t = 2 in the other), so they cannot be stacked
-into one batch of two without a key-padding mask and per-sample positions in the attention op; we keep two passes.
+Classifier-free guidance combines the velocity given the full context with the velocity given the unconditional
+context [zero frame, query] (``flow.uncond_context``). The two sequences differ in length and in RoPE positions (the
+target sits at t = 2k+1 in one and t = 2 in the other). ``SampleConfig.cfg_mode`` picks how they run
+(``JDiT.forward_with_cfg``): "two_pass" is the official two DiT passes per step; "batched" is one pass with both
+sequences packed along the token axis (attention per sequence, every other layer once over all tokens). The two agree
+up to floating-point summation order.
+
+``SampleConfig.compile`` wraps the DiT of the denoising loop in ``torch.compile`` (shapes are fixed across steps, so it
+compiles once per query shape); mode "reduce-overhead" adds CUDA graphs on GPU.
 
 Randomness (official: unseeded global RNGs): here every draw comes from one ``torch.Generator`` seeded by ``seed``
 (the posterior samples, then the initial noise, both drawn on the CPU as the official code does), so a seed
@@ -33,6 +38,31 @@ class SampleConfig:
     cfg_scale: float = 1.5  # the official CLI default
     posterior: str = "sample"  # "sample" (official) or "mean"
     seed: Optional[int] = 0
+    cfg_mode: str = "two_pass"  # "two_pass" (official) or "batched" (one packed pass per step)
+    compile: Optional[str] = None  # None, or a torch.compile mode: "default", "reduce-overhead", "max-autotune"
+    compile_backend: str = "inductor"
+
+    def __post_init__(self):
+        if self.cfg_mode not in CFG_MODES:
+            raise ValueError(f"SampleConfig: cfg_mode must be one of {CFG_MODES}, got {self.cfg_mode!r}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ValueError(f"SampleConfig: compile must be None or one of {COMPILE_MODES}, got {self.compile!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 2:
+            raise ValueError(f"SampleConfig: steps must be an int >= 2 (grid points), got {self.steps!r}")
+
+
+CFG_MODES = ("two_pass", "batched")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class _CompiledDiT:
+    """``forward`` and ``forward_with_cfg`` of a JDiT, each through ``torch.compile`` (the official inference.py
+    compiles the module, but then calls the plain ``forward_with_cfg`` method, so its compile never runs)."""
+
+    def __init__(self, dit: JDiT, mode: str, backend: str):
+        opts = dict(mode=None if mode == "default" else mode, backend=backend, dynamic=False)
+        self.forward = torch.compile(dit.forward, **opts)
+        self.forward_with_cfg = torch.compile(dit.forward_with_cfg, **opts)
 
 
 class InContextPipeline:
@@ -47,6 +77,17 @@ class InContextPipeline:
             raise ValueError(f"InContextPipeline: the DiT takes {dit.config.in_channels} latent channels but the VAE "
                              f"makes {vae.config.latent_channels}")
         self.vae, self.dit = vae, dit
+        self._compiled: dict = {}
+
+    def _dit_for(self, cfg: SampleConfig):
+        """The DiT whose ``forward`` / ``forward_with_cfg`` the loop calls: compiled copies are made once per
+        (mode, backend) and kept, so later queries of the same shapes reuse the compiled graphs."""
+        if cfg.compile is None:
+            return self.dit
+        key = (cfg.compile, cfg.compile_backend)
+        if key not in self._compiled:
+            self._compiled[key] = _CompiledDiT(self.dit, cfg.compile, cfg.compile_backend)
+        return self._compiled[key]
 
     @property
     def device(self) -> torch.device:
@@ -107,12 +148,13 @@ class InContextPipeline:
         p = self.dit.config.patch_size
         cond_p, null_p = patchify(cond.to(dit_dtype), p), patchify(null.to(dit_dtype), p)
 
+        dit = self._dit_for(cfg)
+
         def velocity(y, t):
             yp = patchify(y.to(dit_dtype), p)
-            v_c = self.dit(yp, t, cond_p)
             if cfg.cfg_scale == 1.0:
-                return v_c
-            return sampler.cfg_combine(v_c, self.dit(yp, t, null_p), cfg.cfg_scale)
+                return dit.forward(yp, t, cond_p)
+            return dit.forward_with_cfg(yp, t, cond_p, null_p, cfg.cfg_scale, batched=cfg.cfg_mode == "batched")
 
         z = sampler.euler(velocity, x, sampler.time_grid(cfg.steps))
         vae_dtype = next(self.vae.parameters()).dtype

@@ -354,3 +354,59 @@ def test_head_dim_64_needs_a_split_only_for_rope():
     assert m(h, h)[0].shape == (1, 6, 128)  # no RoPE: fine
     with pytest.raises(ValueError, match="divisible by 6"):
         m(h, h, grid=(2, 2, 3))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed sequences (segments): each segment equals the official module run on it alone.
+
+
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] in ("torch", "triton")])
+def test_segments_equal_separate_calls(backend, device):
+    """Three sequences packed along L (different cond lengths, one with an empty target part, each with its own
+    grid) give, per segment, the official module's outputs and, summed over segments, its parameter gradients."""
+    dim, nh, nkv, hd = 96, 4, 2, 48
+    official, ours = _pair(dim, nh, nkv, hd)
+    official, ours = official.to(device), ours.to(device)
+    H, W = 2, 3
+    plan = [(3, 1), (1, 1), (2, 0)]  # (T_c, T_x) of each sequence
+    segs = [mnn.Segment((tc * H * W, tx * H * W), (tc + tx, H, W)) for tc, tx in plan]
+    B = 2
+    hs = [h.to(device) for h in _inputs(dim, B, (sum(s.lengths[0] for s in segs), sum(s.lengths[1] for s in segs)),
+                                        torch.float32)]
+    with use_backend(backend):
+        outs = ours(*hs, segments=segs)
+        sum((o * (1 + i)).square().sum() for i, o in enumerate(outs)).backward()
+    offsets = [0, 0]
+    want = [[], []]
+    for seg in segs:
+        parts = [h[:, o:o + n] for h, o, n in zip(hs, offsets, seg.lengths)]
+        offsets = [o + n for o, n in zip(offsets, seg.lengths)]
+        with torch.autocast(device, enabled=False):
+            got = official(*parts, grid=seg.grid)
+        for i, g in enumerate(got):
+            want[i].append(g)
+    want = [torch.cat(w, dim=1) for w in want]
+    sum((w * (1 + i)).square().sum() for i, w in enumerate(want)).backward()
+    tol = 1e-5 if backend == "torch" else 1e-4
+    for got, w in zip(outs, want):
+        assert got.shape == w.shape
+        assert_close(got, w, tol=tol, what=f"{backend} segmented output")
+    for name, p in ours.named_parameters():
+        assert_close(p.grad, official.get_parameter(name).grad, tol=10 * tol, what=f"{backend} grad of {name}")
+
+
+def test_segments_bad_input():
+    m = mnn.JointAttention(96, 4, 2, head_dim=48)
+    hs = (randn((1, 12, 96)), randn((1, 6, 96)))
+    with pytest.raises(ValueError, match="either 'grid' or 'segments'"):
+        m(*hs, grid=(3, 2, 3), segments=[mnn.Segment((12, 6), (3, 2, 3))])
+    with pytest.raises(ValueError, match=r"sum to \[12, 5\] per stream.*\[12, 6\]"):
+        m(*hs, segments=[mnn.Segment((6, 3)), mnn.Segment((6, 2))])
+    with pytest.raises(ValueError, match=r"segments\[1\] must be a Segment with one length >= 0 per stream"):
+        m(*hs, segments=[mnn.Segment((6, 3)), (6, 3)])
+    with pytest.raises(ValueError, match=r"segments\[0\] must be a Segment"):
+        m(*hs, segments=[mnn.Segment((6, -1))])
+    with pytest.raises(ValueError, match="non-empty sequence of Segment"):
+        m(*hs, segments=[])
+    with pytest.raises(ValueError, match="rope.grid"):  # a segment's grid must cover exactly that segment
+        m(*hs, segments=[mnn.Segment((12, 6), (2, 2, 3))])
