@@ -119,35 +119,71 @@ class InContextPipeline:
     def __call__(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], query: torch.Tensor,
                  config: Optional[SampleConfig] = None, target_frames: Optional[int] = None) -> torch.Tensor:
         """The predicted target for ``query`` in [-1, 1] (fp32, on the CPU): [3, H, W] for an image query, else
-        [3, T, H, W]. ``target_frames`` (video tasks) is the number of frames to predict, default the query's."""
+        [3, T, H, W]. ``target_frames`` (video tasks) is the number of frames to predict, default the query's.
+        Randomness: one generator seeded with ``config.seed`` draws the posterior samples, then the noise."""
         cfg = config or SampleConfig()
+        return self.batch([pairs], [query], cfg, target_frames, seeds=[cfg.seed])[0]
+
+    def _prepare(self, pairs, query, target_frames, what: str) -> tuple[list[torch.Tensor], int]:
+        """The visual sentence of one query as clips [3, T, H, W], checked, and its number of target frames."""
         if len(pairs) < 1:
-            raise ValueError("InContextPipeline: at least one example pair is needed")
+            raise ValueError(f"InContextPipeline: at least one example pair is needed{what}")
         clips = []
         for i, (a, b) in enumerate(pairs):
-            clips += [self._as_clip(a, f"pairs[{i}][0]"), self._as_clip(b, f"pairs[{i}][1]")]
-        q = self._as_clip(query, "query")
+            clips += [self._as_clip(a, f"pairs[{i}][0]{what}"), self._as_clip(b, f"pairs[{i}][1]{what}")]
+        q = self._as_clip(query, f"query{what}")
         clips.append(q)
         size = q.shape[-2:]
         for i, c in enumerate(clips):
             if c.shape[-2:] != size:
-                raise ValueError(f"InContextPipeline: every image must have the query's size {tuple(size)}; item {i} "
-                                 f"is {tuple(c.shape[-2:])} (resize first, as the official code does)")
+                raise ValueError(f"InContextPipeline: every image must have the query's size {tuple(size)}; item {i}"
+                                 f"{what} is {tuple(c.shape[-2:])} (resize first, as the official code does)")
         T = target_frames if target_frames is not None else q.shape[1]
         r = self.vae.config.temporal_compression_ratio
-        if T < 1 or (T - 1) % r:
-            raise ValueError(f"InContextPipeline: target_frames must be 1 + {r}m, got {T}")
-        gen = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else torch.Generator()
-        cond = self.encode(clips, cfg.posterior, gen)
-        nq = 1 + (q.shape[1] - 1) // r  # the query's latent frames
-        null = torch.cat([torch.zeros_like(cond[:, :, :1]), cond[:, :, -nq:]], dim=2)  # official: [0-frame, query]
-        C, h, w = cond.shape[1], cond.shape[-2], cond.shape[-1]
-        noise = torch.randn(1, C, 1 + (T - 1) // r, h, w, generator=gen)  # CPU fp32, as the official code draws it
-        dit_dtype = next(self.dit.parameters()).dtype
-        x = noise.to(self.device, dit_dtype)
-        p = self.dit.config.patch_size
-        cond_p, null_p = patchify(cond.to(dit_dtype), p), patchify(null.to(dit_dtype), p)
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1 or (T - 1) % r:
+            raise ValueError(f"InContextPipeline: target_frames must be 1 + {r}m, got {T!r}")
+        return clips, T
 
+    @torch.no_grad()
+    def batch(self, pairs: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]]], queries: Sequence[torch.Tensor],
+              config: Optional[SampleConfig] = None, target_frames: Optional[int] = None,
+              seeds: Optional[Sequence[Optional[int]]] = None) -> list[torch.Tensor]:
+        """Answer several queries in one batched sampling run: ``pairs[i]`` are query i's examples. Every query
+        must give the same shapes (number of pairs, frames, size). Query i draws its posterior samples and noise from
+        its own generator seeded ``seeds[i]`` (default ``config.seed + i``; None: unseeded), so each answer equals
+        the one a single call with that seed gives, up to floating-point summation order. Returns one tensor per
+        query, as ``__call__``."""
+        cfg = config or SampleConfig()
+        if len(queries) < 1 or len(pairs) != len(queries):
+            raise ValueError(f"InContextPipeline.batch: need one list of pairs per query, got {len(pairs)} lists for "
+                             f"{len(queries)} queries")
+        if seeds is None:
+            seeds = [None if cfg.seed is None else cfg.seed + i for i in range(len(queries))]
+        if len(seeds) != len(queries):
+            raise ValueError(f"InContextPipeline.batch: {len(seeds)} seeds for {len(queries)} queries")
+        r = self.vae.config.temporal_compression_ratio
+        conds, nulls, noises, T = [], [], [], None
+        for i, (prs, q) in enumerate(zip(pairs, queries)):
+            what = f" (query {i})" if len(queries) > 1 else ""
+            clips, T_i = self._prepare(prs, q, target_frames, what)
+            gen = torch.Generator().manual_seed(seeds[i]) if seeds[i] is not None else torch.Generator()
+            cond = self.encode(clips, cfg.posterior, gen)
+            nq = 1 + (clips[-1].shape[1] - 1) // r  # the query's latent frames
+            null = torch.cat([torch.zeros_like(cond[:, :, :1]), cond[:, :, -nq:]], dim=2)  # official: [0-frame, query]
+            C, h, w = cond.shape[1], cond.shape[-2], cond.shape[-1]
+            noise = torch.randn(1, C, 1 + (T_i - 1) // r, h, w, generator=gen)  # CPU fp32, as official
+            if conds and (cond.shape != conds[0].shape or null.shape != nulls[0].shape or T_i != T):
+                raise ValueError(f"InContextPipeline.batch: query {i}'s visual sentence has latent shape "
+                                 f"{tuple(cond.shape)} and {T_i} target frames, but query 0's has "
+                                 f"{tuple(conds[0].shape)} and {T}: batch only queries of one shape")
+            conds.append(cond)
+            nulls.append(null)
+            noises.append(noise)
+            T = T_i
+        dit_dtype = next(self.dit.parameters()).dtype
+        x = torch.cat(noises).to(self.device, dit_dtype)
+        p = self.dit.config.patch_size
+        cond_p, null_p = patchify(torch.cat(conds).to(dit_dtype), p), patchify(torch.cat(nulls).to(dit_dtype), p)
         dit = self._dit_for(cfg)
 
         def velocity(y, t):
@@ -158,5 +194,5 @@ class InContextPipeline:
 
         z = sampler.euler(velocity, x, sampler.time_grid(cfg.steps))
         vae_dtype = next(self.vae.parameters()).dtype
-        out = self.vae.decode(STVAE.from_dit_latent(z).to(vae_dtype))[0].clamp(-1, 1).float().cpu()
-        return out[:, 0] if query.dim() == 3 and T == 1 else out
+        out = self.vae.decode(STVAE.from_dit_latent(z).to(vae_dtype)).clamp(-1, 1).float().cpu()
+        return [o[:, 0] if q.dim() == 3 and T == 1 else o for o, q in zip(out, queries)]

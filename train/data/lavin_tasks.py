@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from models.common.media import check_size
+
 from .shapes import ShapesWorld
 
 IMAGE_TASKS = ("foreground_segmentation", "depth_estimation", "edge_detection", "colorization", "inpainting",
@@ -140,17 +142,6 @@ def check_k(k) -> tuple[int, ...]:
             and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in k) and 1 <= k[0] <= k[1]):
         return tuple(range(int(k[0]), int(k[1]) + 1))
     raise ValueError(f"'k' (pairs per sample) must be an int >= 1 or a range (lo, hi) with 1 <= lo <= hi, got {k!r}")
-
-
-def check_size(size) -> Optional[tuple[int, int]]:
-    if size is None:
-        return None
-    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
-        size = (int(size), int(size))
-    if (not isinstance(size, Sequence) or len(size) != 2
-            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in size)):
-        raise ValueError(f"'size' must be None, an int or a pair (H, W) of positive ints, got {size!r}")
-    return int(size[0]), int(size[1])
 
 
 def check_length(length) -> int:

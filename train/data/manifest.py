@@ -36,17 +36,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from models.common.media import VIDEO_SUFFIXES, load_media, to_uint8  # noqa: F401 (re-exported)
+
 from .lavin_tasks import VIDEO_TASKS, check_index, check_k, check_length, check_size, schedule
 
 MANIFEST = "manifest.jsonl"
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 _MANIFEST_STREAM = 0x3A1F
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[3, T, H, W] in [-1, 1] -> uint8 [T, H, W, 3] (rounded)."""
-    u = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return u.permute(1, 2, 3, 0).contiguous().numpy()
 
 
 def _save(path: Path, x: torch.Tensor, as_frames: bool) -> None:
@@ -90,50 +85,6 @@ def write_manifest(out_dir: Union[str, os.PathLike], dataset, n: int) -> Path:
     tmp.write_text("".join(line + "\n" for line in lines))
     os.replace(tmp, path)
     return path
-
-
-def _to_tensor(frames: Sequence[np.ndarray]) -> torch.Tensor:
-    """uint8 [H, W, 3] frames -> float32 [3, T, H, W] in [-1, 1], the official way."""
-    x = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).float() / 255
-    return ((x - 0.5) * 2).contiguous()
-
-
-def _image(img: Image.Image, size: Optional[tuple[int, int]]) -> np.ndarray:
-    img = img.convert("RGB")
-    if size is not None and img.size != (size[1], size[0]):
-        img = img.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-    return np.asarray(img, dtype=np.uint8)
-
-
-def load_media(path: Union[str, os.PathLike], size=None) -> torch.Tensor:
-    """An image file (T = 1), a folder of frame images (name order) or a video file -> float32 [3, T, H, W] in
-    [-1, 1], resized to ``size`` = (H, W) when given."""
-    path, size = Path(path), check_size(size)
-    if path.is_dir():
-        names = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".webp"))
-        if not names:
-            raise ValueError(f"load_media: frame folder {path} holds no images")
-        frames = []
-        for p in names:
-            with Image.open(p) as img:
-                frames.append(_image(img, size))
-    elif path.suffix.lower() in VIDEO_SUFFIXES:
-        try:
-            import av
-        except ImportError as e:
-            raise ImportError(f"load_media: reading the video {path} needs PyAV (pip install av)") from e
-        with av.open(str(path)) as container:
-            frames = [_image(f.to_image(), size) for f in container.decode(video=0)]
-        if not frames:
-            raise ValueError(f"load_media: video {path} has no frames")
-    elif path.is_file():
-        with Image.open(path) as img:
-            frames = [_image(img, size)]
-    else:
-        raise FileNotFoundError(f"load_media: {path} does not exist")
-    if len({f.shape for f in frames}) != 1:
-        raise ValueError(f"load_media: frames of {path} differ in size; pass 'size' to resize them")
-    return _to_tensor(frames)
 
 
 class ManifestDataset(Dataset):
