@@ -9,14 +9,17 @@ from models.lavin_dit import flow, sampler
 
 SPEC_20 = "0.0000, 0.0056, 0.0111, 0.0167, 0.0222, 0.0278, 0.0333, 0.0389, 0.0444, 0.0500, 0.0524, 0.0730, 0.1148, " \
           "0.1777, 0.2618, 0.3671, 0.4936, 0.6412, 0.8100, 1.0000"
+# specs/lavin_dit.md §3, the 30- and 40-point literals as written there.
+SPEC_30 = "0.0000, 0.0036, 0.0071, 0.0107, 0.0143, 0.0179, 0.0214, 0.0250, 0.0286, 0.0321, 0.0357, 0.0393, 0.0429, 0.0464, 0.0500, 0.0511, 0.0600, 0.0779, 0.1049, 0.1410, 0.1862, 0.2403, 0.3036, 0.3759, 0.4573, 0.5477, 0.6472, 0.7557, 0.8733, 1.0000"
+SPEC_40 = "0.0000, 0.0026, 0.0053, 0.0079, 0.0105, 0.0132, 0.0158, 0.0184, 0.0211, 0.0237, 0.0263, 0.0289, 0.0316, 0.0342, 0.0368, 0.0395, 0.0421, 0.0447, 0.0474, 0.0500, 0.0506, 0.0555, 0.0655, 0.0804, 0.1004, 0.1253, 0.1553, 0.1902, 0.2302, 0.2752, 0.3251, 0.3801, 0.4401, 0.5051, 0.5750, 0.6500, 0.7300, 0.8150, 0.9050, 1.0000"
 
 
 def test_official_grids_bitwise():
     want = torch.tensor([float(v) for v in SPEC_20.split(",")], dtype=torch.float32)
     assert torch.equal(sampler.time_grid(20), want)
-    for n in (30, 40):
+    for n, spec in ((30, SPEC_30), (40, SPEC_40)):
         g = sampler.time_grid(n)
-        assert g.dtype == torch.float32 and g.numel() == n and g[0] == 0 and g[-1] == 1
+        assert g.dtype == torch.float32 and torch.equal(g, torch.tensor([float(v) for v in spec.split(",")]))
         assert g[n // 2 - 1] == torch.tensor(0.05)  # the high-noise half ends at 0.05
     for n in (2, 7, 25, 64):
         g = sampler.time_grid(n)
