@@ -1,6 +1,10 @@
-"""``python -m bench``: kernel benchmarks against named baselines, measured in one process.
+"""``python -m bench``: kernel and end-to-end model benchmarks against named baselines, measured in one process.
 
-    python -m bench [--quick] [--device auto|cpu|cuda] [--ops rms_norm,rope3d] [--out results.json] [--md table.md]
+    python -m bench [--quick] [--device auto|cpu|cuda] [--ops rms_norm,rope3d] [--models lavin_dit_sampling]
+                    [--out results.json] [--md table.md]
+
+With neither ``--ops`` nor ``--models`` it runs every op (bench/ops/) and then every model benchmark (bench/models/);
+naming only one of the two runs only what it names.
 
 On a CUDA device it times every available backend of every op and the baselines with CUDA events, and reports
 GB/s and the percentage of the copy bandwidth measured in the same run. On the CPU it times the torch paths at
@@ -19,21 +23,33 @@ import torch
 from bench import common
 
 OPS = ("rms_norm", "rope3d", "joint_attention", "adarn", "group_norm_silu", "causal_conv3d", "stvae")
+MODELS = ("lavin_dit_sampling", "lavin_dit_train")  # bench/models/: end to end
+
+
+def _names(p, flag: str, value, known) -> list[str]:
+    names = [o.strip() for o in value.split(",") if o.strip()]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        p.error(f"{flag}: unknown name(s) {', '.join(unknown)}; expected a subset of {', '.join(known)}")
+    return names
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--models", default=None, help=f"end-to-end benchmarks, comma-separated subset of "
+                                                  f"{','.join(MODELS)}")
     p.add_argument("--out", help="write the records and provenance as JSON")
     p.add_argument("--md", help="write the markdown table")
     args = p.parse_args(argv)
 
-    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
-    unknown = sorted(set(ops) - set(OPS))
-    if unknown:
-        p.error(f"--ops: unknown op(s) {', '.join(unknown)}; expected a subset of {', '.join(OPS)}")
+    if args.ops is None and args.models is None:
+        ops, models = list(OPS), list(MODELS)
+    else:
+        ops = _names(p, "--ops", args.ops, OPS) if args.ops is not None else []
+        models = _names(p, "--models", args.models, MODELS) if args.models is not None else []
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -51,6 +67,8 @@ def main(argv=None) -> int:
 
     for op in ops:
         ctx.records += importlib.import_module(f"bench.ops.{op}").run(ctx)
+    for model in models:
+        ctx.records += importlib.import_module(f"bench.models.{model}").run(ctx)
 
     prov = common.provenance(ctx.device, ctx.copy_gbps)
     print(json.dumps(prov, indent=1))

@@ -105,3 +105,167 @@ def test_cpu_quick_stvae(tmp_path):
             assert r["rel_err"] is not None and r["rel_err"] < 1e-4 and "WRONG" not in r["note"], r
     assert by[("mmkernels", "encode")]["flops"] == by[("official-style", "encode")]["flops"]
     assert any(r["case"].startswith("streamed decode") for r in records)
+
+
+def test_causal_conv3d_cases_are_the_stvae_convs(tmp_path):
+    """Every 3x3x3 conv the official ST-VAE runs on a 17-frame 512^2 or 256^2 video (encoder and decoder, found with a
+    hook on a meta-device run) is a benchmark case, and nothing else is; the CPU record carries the peak-bar
+    denominator (input + output + weights)."""
+    import torch
+    import torch.nn.functional as F
+
+    from bench.ops import causal_conv3d as cc
+    from models.lavin_dit.stvae import STVAE, STVAEConfig
+
+    with torch.device("meta"):
+        vae = STVAE(STVAEConfig.official(), fused=False).eval()
+    seen, orig = set(), F.conv3d
+
+    def hook(x, w, b=None, *args, **kwargs):
+        y = orig(x, w, b, *args, **kwargs)
+        if tuple(w.shape[2:]) == (3, 3, 3):
+            seen.add((w.shape[1], w.shape[0], tuple(y.shape[2:])))
+        return y
+
+    F.conv3d = hook
+    try:
+        with torch.no_grad():
+            for size in (512, 256):
+                vae.decode(vae.encode(torch.empty(1, 3, 17, size, size, device="meta")).mode())
+    finally:
+        F.conv3d = orig
+    assert seen == {(cin, cout, size) for _, cin, cout, size in cc.CASES}
+    assert len({name for name, *_ in cc.CASES}) == len(cc.CASES) and len(seen) == len(cc.CASES)
+    assert any(name.startswith("dec") for name, *_ in cc.QUICK)
+
+    out = tmp_path / "cc.json"
+    assert bench_main.main(["--quick", "--device", "cpu", "--ops", "causal_conv3d", "--out", str(out)]) == 0
+    records = json.loads(out.read_text())["records"]
+    (_, cin, cout, (T, H, W)), = cc.CPU
+    fwd = 4 * (cin * T * H * W + cout * cin * 27 + cout + cout * T * H * W)
+    for r in records:
+        assert r["extra"]["io_weights_bytes"] == (fwd if r["pass"] == "fwd" else 2 * fwd), r
+        assert "peak_ratio" not in r["extra"]  # measured on a GPU only
+
+
+def _models_json(tmp_path, name):
+    out = tmp_path / f"{name}.json"
+    assert bench_main.main(["--quick", "--device", "cpu", "--models", name, "--out", str(out)]) == 0
+    return json.loads(out.read_text())["records"]
+
+
+def test_cpu_quick_lavin_dit_sampling(tmp_path):
+    """The end-to-end sampling bench on the CPU (tiny presets): ours and the official-style implementation, timed,
+    with the speedup computed and ours equal to official-style within 1e-3 (fp32)."""
+    records = _models_json(tmp_path, "lavin_dit_sampling")
+    assert {r["op"] for r in records} == {"lavin_dit_sampling"}
+    by = {r["impl"]: r for r in records}
+    assert set(by) == {"mmkernels", "mmkernels (batched CFG)", "official-style (unfused, SDPA)"}
+    ours, off = by["mmkernels"], by["official-style (unfused, SDPA)"]
+    batched = by["mmkernels (batched CFG)"]
+    assert batched["extra"]["sample_config"] == {"cfg_mode": "batched"} and batched["rel_err"] < 1e-3, batched
+    for r in (ours, off, batched):
+        assert r["dtype"] == "float32" and r["pass"] == "sample (end to end)"
+        assert math.isfinite(r["ms"]) and r["ms"] > 0 and r["flops"] > 0 and r["bytes"] > 0, r
+        assert r["tflops"] > 0 and "WRONG" not in r["note"], r
+        assert r["extra"]["seconds"] == pytest.approx(r["ms"] / 1e3)
+        assert r["extra"]["dit_passes"] == 2 * (r["extra"]["grid_points"] - 1) == 4
+    assert ours["flops"] == off["flops"] and ours["bytes"] == off["bytes"]  # the same cost charged to both
+    sp = ours["extra"]["speedup_vs_official"]
+    assert math.isfinite(sp) and sp > 0 and sp == pytest.approx(off["ms"] / ours["ms"])
+    assert ours["rel_err"] is not None and ours["rel_err"] < 1e-3, ours
+    assert ours["extra"]["dit_pass_rel_err"] < 1e-3
+    assert "x vs official-style" in ours["note"]
+
+
+def test_cpu_quick_lavin_dit_train(tmp_path):
+    """The training-throughput bench on the CPU: the shared Trainer (DeepSpeed ZeRO-2, one gloo process, fp32) on the
+    tiny preset; finite step time, tokens/s and FLOP consistent with the counted passes; no MFU without a peak."""
+    from bench.models.lavin_dit_train import jdit_flops
+    from models.lavin_dit.config import JDiTConfig
+
+    (r,) = _models_json(tmp_path, "lavin_dit_train")
+    x = r["extra"]
+    assert r["op"] == "lavin_dit_train" and r["dtype"] == "float32" and r["pass"] == "train step"
+    assert math.isfinite(r["ms"]) and r["ms"] > 0 and r["bytes"] > 0 and r["flops"] > 0, r
+    assert x["zero_stage"] == 2 and x["world_size"] == 1 and x["grad_checkpointing"] is True
+    assert x["steps_timed"] == len(x["step_times_s"]) >= 2
+    assert x["step_s"] == pytest.approx(sum(x["step_times_s"]) / x["steps_timed"])
+    assert x["tokens_per_s"] == pytest.approx(x["tokens_per_step"] / x["step_s"])
+    assert r["tflops"] == pytest.approx(x["achieved_tflops"])
+    assert x["mfu_pct"] is None and "MFU unknown" in r["note"]
+    # 2 pairs at 32^2 on the tiny preset: 6 frames of 2x2 tokens; a CFG-dropped sample runs the 3-frame null
+    # context. With d dropped samples of the 2 in a step: tokens 2*24 - 12*d, FLOP (2 - d)*full + d*null.
+    cfg = JDiTConfig.preset("tiny", grad_checkpointing=True)
+    full, null = jdit_flops(cfg, 5, 1, 2, 2), jdit_flops(cfg, 2, 1, 2, 2)
+    assert (full["tokens"], null["tokens"]) == (24, 12) and x["flops_per_sample_no_dropout"] == full
+    d = (48 - x["tokens_per_step"]) / 12  # mean dropped samples per timed step
+    assert 0 <= d <= 2
+    assert x["flops_per_step"] == pytest.approx((2 - d) * full["train"] + d * null["train"])
+    assert r["flops"] == int(x["flops_per_step"])
+
+
+@pytest.mark.parametrize("overrides,Tc,Tx,H,W", [({}, 3, 1, 2, 3), ({"kv_group": 1, "depth": 3}, 2, 2, 3, 2)])
+def test_jdit_flop_count_matches_the_flop_counter(overrides, Tc, Tx, H, W):
+    """bench/models/lavin_dit_train.py's FLOP formula equals torch's FlopCounterMode on the official-style J-DiT with
+    SDPA's math path (plain matmuls): forward = formula + the last block's cond-stream update (computed by the
+    official code, skipped by ours), and forward + backward = 3x forward - the input grads of the data-fed layers
+    (that update has no backward: nothing depends on it)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.models.lavin_dit_train import jdit_flops
+    from models.lavin_dit.config import JDiTConfig
+    from models.lavin_dit.jdit import JDiT
+    from models.lavin_dit.official_style import OfficialStyleJDiT
+
+    cfg = JDiTConfig.preset("tiny", **overrides)
+    model = OfficialStyleJDiT(JDiT(cfg))
+    B = 2
+    x, cond = torch.randn(B, Tx, H, W, cfg.patch_dim), torch.randn(B, Tc, H, W, cfg.patch_dim)
+    t = torch.rand(B)
+    f = jdit_flops(cfg, Tc, Tx, H, W)
+    assert f["tokens"] == (Tc + Tx) * H * W
+    assert f["forward"] == f["linear_tokens"] + f["linear_vectors"] + f["attention"]
+    with sdpa_kernel([SDPBackend.MATH]):
+        with FlopCounterMode(display=False) as fwd:
+            model(x, t, cond)
+        with FlopCounterMode(display=False) as both:
+            model(x, t, cond).square().sum().backward()
+    assert fwd.get_total_flops() == B * (f["forward"] + f["skipped"])
+    assert both.get_total_flops() == B * (f["train"] + f["skipped"])
+
+
+def test_official_style_jdit_matches_the_spec_and_ours():
+    """models/lavin_dit/official_style.py: the official composition on our JDiT's weights equals the spec's fp64
+    composition (tests/models/test_jdit.py) and our fused model (fp32); forward_with_cfg is the official two-pass
+    guidance on a [2B] state."""
+    import torch
+
+    from mmkernels.testing import rel_err
+    from models.lavin_dit.jdit import patchify
+    from models.lavin_dit.official_style import OfficialStyleJDiT
+    from models.lavin_dit.sampler import cfg_combine
+    from tests.models.test_jdit import TINY, _f_forward, _randomized
+
+    model = _randomized(TINY).double()
+    off = OfficialStyleJDiT(model)
+    assert {n for n, _ in off.named_parameters()} == {f"model.{n}" for n, _ in model.named_parameters()}
+    x = torch.randn(2, 1, 2, 3, TINY.patch_dim, dtype=torch.float64)
+    cond = torch.randn(2, 3, 2, 3, TINY.patch_dim, dtype=torch.float64)
+    t = torch.rand(2, dtype=torch.float64)
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    assert rel_err(off(x, t, cond), _f_forward(sd, TINY, x, t, cond)) < 1e-6
+    model.float()
+    x, cond, t = x.float(), cond.float(), t.float()
+    assert rel_err(off(x, t, cond), model(x, t, cond)) < 1e-5
+    # forward_with_cfg: channels-first latents, conditional half first, contexts of different lengths.
+    lat = torch.randn(1, 16, 1, 4, 6)
+    c_full, c_null = torch.randn(1, 16, 3, 4, 6), torch.randn(1, 16, 2, 4, 6)
+    tt = torch.full((2,), 0.25)
+    out = off.forward_with_cfg(lat.repeat(2, 1, 1, 1, 1), tt, (c_full, c_null), 1.5)
+    want = cfg_combine(model(patchify(lat, 2), tt[:1], patchify(c_full, 2)),
+                       model(patchify(lat, 2), tt[:1], patchify(c_null, 2)), 1.5)
+    assert out.shape == (2, 16, 1, 4, 6)
+    assert rel_err(out[:1], want) < 1e-5 and torch.equal(out[0], out[1])
