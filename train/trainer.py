@@ -597,6 +597,26 @@ class Trainer:
         """Rank 0: the EMA shadow (name -> fp32 tensor, a copy); None elsewhere or when EMA is off."""
         return None if self._ema is None else {n: t.detach().clone() for n, t in self._ema.items()}
 
+    @torch.no_grad()
+    def load_ema_state_dict(self, state: dict) -> None:
+        """Replace the EMA shadow with ``state`` (name -> tensor, as :meth:`ema_state_dict` gives: the same
+        trainable parameters, cast to fp32 on the training device), e.g. to continue a previous run's average in a new
+        stage. Only rank 0 holds the EMA; elsewhere this is a no-op. A later resume from a checkpoint loads the
+        checkpoint's EMA over it."""
+        if self.config.ema_decay is None:
+            raise RuntimeError("Trainer.load_ema_state_dict: EMA is off (TrainConfig.ema_decay=None)")
+        if self._ema is None:
+            return
+        if set(state) != set(self._ema):
+            missing, extra = sorted(set(self._ema) - set(state)), sorted(set(state) - set(self._ema))
+            raise ValueError(f"Trainer.load_ema_state_dict: keys differ from the trainable parameters: missing "
+                             f"{missing[:5]}, unexpected {extra[:5]}")
+        for n, t in self._ema.items():
+            if tuple(state[n].shape) != tuple(t.shape):
+                raise ValueError(f"Trainer.load_ema_state_dict: {n} has shape {tuple(state[n].shape)}, expected "
+                                 f"{tuple(t.shape)}")
+            t.copy_(state[n].to(t.device, t.dtype))
+
     # ----- checkpoints --------------------------------------------------------------------------------------------
 
     def _latest_tag(self) -> Optional[str]:
