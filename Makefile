@@ -20,8 +20,7 @@ $(STAMP): $(SOURCES)
 	touch $@
 
 demo: install
-	$(PY) -m mmkernels
-	$(PY) -m bench --quick
+	$(PY) -m train.demo --out demo_out
 
 test: install
 	$(PY) -m pytest -q
