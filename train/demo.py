@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-bench", action="store_true", help="leave out python -m bench --quick")
     ap.add_argument("--vae-steps", type=int, default=None, help="override the LaVin-DiT config's ST-VAE steps")
     ap.add_argument("--dit-steps", type=int, default=None, help="override the LaVin-DiT config's J-DiT steps")
-    ap.add_argument("--queries", type=int, default=4, help="held-out evaluation queries per task")
+    ap.add_argument("--queries", type=int, default=16, help="held-out evaluation queries per task")
     args = ap.parse_args(argv)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)

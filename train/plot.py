@@ -11,6 +11,8 @@ COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 1
 
 
 def _fmt(v: float) -> str:
+    if float(v).is_integer() and abs(v) < 1e7:
+        return str(int(v))
     return f"{v:.3g}"
 
 
@@ -48,7 +50,8 @@ def line_chart(path: str, series: Mapping[str, Sequence[tuple[float, float]]], t
         x = x0 + frac * (x1 - x0)
         px = to_px(x, y0)[0]
         d.line([px, bottom, px, bottom + 4], fill=(100, 100, 100))
-        d.text((px - 10, bottom + 8), _fmt(x), fill=(60, 60, 60))
+        label = _fmt(round(x) if x1 - x0 >= 10 else x)
+        d.text((min(px - 3 * len(label), right - 6 * len(label)), bottom + 8), label, fill=(60, 60, 60))
     d.text((left, 6), title + ("  (log scale)" if log_y else ""), fill=(0, 0, 0))
     for i, (name, s) in enumerate(pts.items()):
         color = COLORS[i % len(COLORS)]
