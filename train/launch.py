@@ -61,6 +61,7 @@ def init_distributed(backend: Optional[str] = None, timeout: Optional[timedelta]
     if backend not in ("gloo", "nccl", "mpi"):
         raise ValueError(f"init_distributed: 'backend' must be 'gloo', 'nccl' or 'mpi', got {backend!r}")
     if not dist.is_initialized():
+        _reset_deepspeed_comm()  # a default group destroyed since DeepSpeed last saw one leaves stale state behind
         if not all(k in os.environ for k in _ENV):
             partial = [k for k in _ENV if k in os.environ]
             if partial and "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1":
@@ -87,6 +88,21 @@ def init_distributed(backend: Optional[str] = None, timeout: Optional[timedelta]
     return DistInfo(rank, world, local_rank, device, dist.get_backend())
 
 
+def _reset_deepspeed_comm() -> None:
+    """Forget DeepSpeed's communication state: its backend object (``deepspeed.comm.comm.cdb``) and the process
+    groups cached in ``deepspeed.utils.groups``. Both outlive ``dist.destroy_process_group()``; reused with a new
+    default group they make the next engine fail ("Group ... is not registered"). Only call it with no default group."""
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.utils import groups
+
+    ds_comm.cdb = None
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name.lstrip("_").replace("_", "").isupper():
+            setattr(groups, name, {} if isinstance(value, dict) else None)
+    groups.mpu = None
+    groups.mesh_device = None
+
+
 def shutdown() -> None:
     """Destroy the process group if :func:`init_distributed` created it standalone, and restore the environment
     variables it set (no-op otherwise)."""
@@ -95,6 +111,7 @@ def shutdown() -> None:
         return
     if dist.is_initialized():
         dist.destroy_process_group()
+    _reset_deepspeed_comm()
     for k, v in _saved_env.items():
         if v is None:
             os.environ.pop(k, None)

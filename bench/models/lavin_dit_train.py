@@ -178,6 +178,7 @@ def setup(ctx: Context) -> Setup:
 
 
 def run(ctx: Context) -> list[Record]:
+    from train import launch
     from train.trainer import TrainConfig, Trainer
 
     s = setup(ctx)
@@ -212,10 +213,9 @@ def run(ctx: Context) -> list[Record]:
             peak = torch.cuda.max_memory_allocated(ctx.device) / 2 ** 20 if ctx.cuda else None
             dtype, zero, world = trainer.dtype, trainer.zero_stage, trainer.world_size
     finally:
-        # The process group stays (as after train.lavin_dit.main): DeepSpeed caches its groups, and a Trainer built
-        # later in this process after launch.shutdown() fails on the stale references.
         del trainer
         gc.collect()
+        launch.shutdown()  # the one-process group this run created, if it did (a caller's group stays)
         if ctx.cuda:
             torch.cuda.empty_cache()
 

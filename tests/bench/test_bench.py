@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import yaml
 
 from bench import __main__ as bench_main
 from bench.common import Record, table
@@ -194,9 +195,11 @@ def test_cpu_quick_lavin_dit_train(tmp_path):
     assert x["tokens_per_s"] == pytest.approx(x["tokens_per_step"] / x["step_s"])
     assert r["tflops"] == pytest.approx(x["achieved_tflops"])
     assert x["mfu_pct"] is None and "MFU unknown" in r["note"]
-    # 2 pairs at 32^2 on the tiny preset: 6 frames of 2x2 tokens; a CFG-dropped sample runs the 3-frame null
+    # 2 pairs at 32^2 on the tiny config's model: 6 frames of 2x2 tokens; a CFG-dropped sample runs the 3-frame null
     # context. With d dropped samples of the 2 in a step: tokens 2*24 - 12*d, FLOP (2 - d)*full + d*null.
-    cfg = JDiTConfig.preset("tiny", grad_checkpointing=True)
+    with open("train/configs/lavin_dit_tiny.yaml") as f:
+        model = dict(yaml.safe_load(f)["model"])
+    cfg = JDiTConfig.preset(model.pop("preset"), **model, grad_checkpointing=True)
     full, null = jdit_flops(cfg, 5, 1, 2, 2), jdit_flops(cfg, 2, 1, 2, 2)
     assert (full["tokens"], null["tokens"]) == (24, 12) and x["flops_per_sample_no_dropout"] == full
     d = (48 - x["tokens_per_step"]) / 12  # mean dropped samples per timed step

@@ -479,11 +479,15 @@ def test_train_step_under_ddp_matches_plain(tmp_path):
     with pytest.warns(UserWarning, match="perceptual"):
         crit = VAELoss(VAELossConfig(disc_start=1))
     plain = run(False)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    own = not dist.is_initialized()  # an earlier test may have left a one-process group: use it, leave it
+    if own:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    assert dist.get_world_size() == 1
     try:
         wrapped = run(True)
     finally:
-        dist.destroy_process_group()
+        if own:
+            dist.destroy_process_group()
     for p, w in zip(plain, wrapped):
         assert p.keys() == w.keys()
         for k in p:

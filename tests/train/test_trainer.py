@@ -65,6 +65,24 @@ def _assert_same_weights(a: dict, b: dict):
 # Single process
 
 
+def test_trainer_after_shutdown(tmp_path):
+    """launch.shutdown() destroys the one-process group and forgets DeepSpeed's cached communication state, so a new
+    Trainer in the same process (ZeRO-2 and ZeRO-0) trains again (before: "Group ... is not registered")."""
+    import torch.distributed as dist
+
+    first = _trainer(tmp_path / "a", steps=2, zero_stage=2)
+    first.train()
+    del first
+    launch.shutdown()
+    assert not dist.is_initialized()
+    for zero in (2, 0):
+        t = _trainer(tmp_path / f"b{zero}", steps=2, zero_stage=zero)
+        recs = [r for r in t.train() if "loss" in r]
+        assert len(recs) == 2 and all(math.isfinite(r["loss"]) for r in recs)
+        del t
+        launch.shutdown()
+
+
 def test_single_process_trains(tmp_path):
     out = tmp_path / "run"
     steps, warm, lr, m = 30, 5, 3e-2, 0.1
