@@ -13,6 +13,8 @@
 
 #include <cstdint>
 
+#include "ptx.cuh"  // to_float, from_float, round_to, Vec
+
 #define MMK_CHECK(cond, ...) TORCH_CHECK_VALUE(cond, "mmkernels._C: ", __VA_ARGS__)
 
 namespace mmk {
@@ -47,24 +49,6 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().
 template <typename T> struct DeviceType { using type = T; };
 template <> struct DeviceType<at::Half> { using type = __half; };
 template <> struct DeviceType<at::BFloat16> { using type = __nv_bfloat16; };
-
-// fp32 <-> storage conversions that compile for every element type we instantiate.
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// Round a float to storage precision and back: the rounding an explicit `.to(dtype)` performs in the reference.
-template <typename T> __device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
-
-// A packed group of N elements moved with one load/store of N*sizeof(T) bytes.
-template <typename T, int N> struct alignas(sizeof(T) * N) Vec {
-  T v[N];
-};
 
 }  // namespace mmk
 

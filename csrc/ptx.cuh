@@ -1,4 +1,5 @@
-// Device helpers shared by the tensor-core kernels (joint_attention, causal_conv3d): element conversions, cp.async,
+// Device helpers shared by the kernels: fp32 <-> storage conversions and packed vectors (every op), and for the
+// tensor-core kernels (joint_attention, causal_conv3d) fp16/bf16 packing, cp.async,
 // register pinning around asynchronous MMAs, and (sm_90a device code only) the wgmma fences and shared-memory
 // descriptors. Plain CUDA: no ATen.
 #pragma once
@@ -10,6 +11,25 @@
 #include <cstdint>
 
 namespace mmk {
+
+// fp32 <-> storage conversions for every element type the kernels instantiate (float, __half, __nv_bfloat16).
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Round a float to storage precision and back: the rounding an explicit `.to(dtype)` performs in the reference.
+template <typename T> __device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
+
+// A packed group of N elements moved with one load/store of N*sizeof(T) bytes.
+template <typename T, int N> struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
 namespace ptx {
 
 // fp16/bf16 storage <-> fp32, and two fp32 values rounded and packed into one 32-bit register (an MMA fragment or a

@@ -19,6 +19,7 @@
 #include <cuda_fp16.h>
 
 #include "group_norm_silu/gn.h"
+#include "ptx.cuh"  // to_float, from_float, round_to, Vec
 
 namespace mmk {
 namespace gn {
@@ -27,32 +28,18 @@ namespace detail {
 static_assert(kMaxThreads == 256 && kFinalizeThreads == 256, "shared-memory sizes below");
 constexpr int kMaxVec = 8;  // 16 bytes of bf16/fp16
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-// The rounding of an explicit `.to(x.dtype)` in the reference (a no-op for fp32).
-template <typename T> __device__ __forceinline__ float rnd(float v) { return to_f(from_f<T>(v)); }
-
-template <typename T, int VEC> struct alignas(sizeof(T) * VEC) Vec {
-  T v[VEC];
-};
-
 // VEC consecutive elements (VEC > 1 only for unit channel strides, 16-byte aligned: gn.h).
 template <typename T, int VEC>
 __device__ __forceinline__ void load(const T* p, float (&out)[VEC]) {
   const Vec<T, VEC> v = *reinterpret_cast<const Vec<T, VEC>*>(p);
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) out[e] = to_f(v.v[e]);
+  for (int e = 0; e < VEC; ++e) out[e] = to_float(v.v[e]);
 }
 template <typename T, int VEC>
 __device__ __forceinline__ void store(T* p, const float (&in)[VEC]) {
   Vec<T, VEC> v;
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) v.v[e] = from_f<T>(in[e]);
+  for (int e = 0; e < VEC; ++e) v.v[e] = from_float<T>(in[e]);
   *reinterpret_cast<Vec<T, VEC>*>(p) = v;
 }
 
@@ -125,7 +112,7 @@ template <typename T, int VEC>
 __device__ __forceinline__ void load_mod(const T* base, const View5& v, int st, int sh, float (&out)[VEC]) {
   const T* q = base + st * v.s0 + sh * v.s1;
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) out[e] = to_f(q[e * v.sc]);
+  for (int e = 0; e < VEC; ++e) out[e] = to_float(q[e * v.sc]);
 }
 
 // xhat, g and a of reference.py for one element, with the same rounding points.
@@ -133,10 +120,10 @@ template <typename T>
 __device__ __forceinline__ void values(const Params& p, float x, float mean, float rstd, float w, float bias, float sc,
                                        float sh, float& xhat, float& g, float& a) {
   xhat = (x - mean) * rstd;
-  g = rnd<T>(xhat * w + bias);
+  g = round_to<T>(xhat * w + bias);
   a = g;
-  if (p.has_scale) a = rnd<T>(a * sc);
-  if (p.has_shift) a = rnd<T>(a + sh);
+  if (p.has_scale) a = round_to<T>(a * sc);
+  if (p.has_shift) a = round_to<T>(a + sh);
 }
 
 __device__ __forceinline__ float silu_grad(float a, float dy) {
@@ -372,13 +359,13 @@ __global__ void __launch_bounds__(kMaxThreads) gn_bwd_reduce_kernel(const Params
       T* ds = static_cast<T*>(p.dscale.ptr) + b * p.dscale.sb + q0 * p.dscale.s0 + q1 * p.dscale.s1 +
               s.col * p.dscale.s2 + s.c0 * p.dscale.sc;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) ds[e * p.dscale.sc] = from_f<T>(acc_sc[e]);
+      for (int e = 0; e < VEC; ++e) ds[e * p.dscale.sc] = from_float<T>(acc_sc[e]);
     }
     if (p.has_shift) {
       T* dh = static_cast<T*>(p.dshift.ptr) + b * p.dshift.sb + q0 * p.dshift.s0 + q1 * p.dshift.s1 +
               s.col * p.dshift.s2 + s.c0 * p.dshift.sc;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) dh[e * p.dshift.sc] = from_f<T>(acc_sh[e]);
+      for (int e = 0; e < VEC; ++e) dh[e * p.dshift.sc] = from_float<T>(acc_sh[e]);
     }
   }
   const int idx = s.ci * tl.tc + s.cl;

@@ -186,15 +186,8 @@ class JDiT(nn.Module):
         the official signature."""
         del kwargs
         cfg = self.config
-        self._check(x, "x")
-        self._check(cond, "cond")
+        self._check_inputs("forward", x, t, cond=cond)
         B, Tx, H, W, _ = x.shape
-        if cond.shape[0] != B or cond.shape[2:4] != x.shape[2:4]:
-            raise ValueError(f"JDiT.forward: 'cond' {tuple(cond.shape)} must share B, H and W with 'x' "
-                             f"{tuple(x.shape)}")
-        if not isinstance(t, torch.Tensor) or t.shape != (B,):
-            raise ValueError(f"JDiT.forward: argument 't' must be a tensor of shape [{B}], got "
-                             f"{getattr(t, 'shape', type(t).__name__)}")
         out = self._tokens(cond.reshape(B, -1, cfg.patch_dim), x.reshape(B, -1, cfg.patch_dim), t,
                            grid=(cond.shape[1] + Tx, H, W))
         return unpatchify(out, Tx, H, W, cfg.patch_size, cfg.in_channels).float()
@@ -229,16 +222,8 @@ class JDiT(nn.Module):
         agree up to floating-point summation order.
         """
         cfg = self.config
-        for v, name in ((x, "x"), (cond, "cond"), (cond_null, "cond_null")):
-            self._check(v, name)
+        self._check_inputs("forward_with_cfg", x, t, cond=cond, cond_null=cond_null)
         B, Tx, H, W, _ = x.shape
-        for v, name in ((cond, "cond"), (cond_null, "cond_null")):
-            if v.shape[0] != B or v.shape[2:4] != x.shape[2:4]:
-                raise ValueError(f"JDiT.forward_with_cfg: {name!r} {tuple(v.shape)} must share B, H and W with 'x' "
-                                 f"{tuple(x.shape)}")
-        if not isinstance(t, torch.Tensor) or t.shape != (B,):
-            raise ValueError(f"JDiT.forward_with_cfg: argument 't' must be a tensor of shape [{B}], got "
-                             f"{getattr(t, 'shape', type(t).__name__)}")
         if not batched:
             v_c, v_u = self(x, t, cond), self(x, t, cond_null)
         else:
@@ -250,10 +235,21 @@ class JDiT(nn.Module):
             v_c, v_u = (unpatchify(o, Tx, H, W, cfg.patch_size, cfg.in_channels).float() for o in out.chunk(2, dim=1))
         return sampler.cfg_combine(v_c, v_u, cfg_scale)
 
-    def _check(self, v, name):
-        if not isinstance(v, torch.Tensor) or v.dim() != 5 or v.shape[-1] != self.config.patch_dim:
-            raise ValueError(f"JDiT.forward: argument '{name}' must be a patchified latent [B, T, H, W, "
-                             f"{self.config.patch_dim}], got {getattr(v, 'shape', type(v).__name__)}")
+    def _check_inputs(self, where: str, x, t, **contexts) -> None:
+        """``x`` and every context a patchified latent [B, T, H, W, p*p*C], the contexts sharing B, H and W with
+        ``x``, and ``t`` [B]; a ValueError naming the argument otherwise."""
+        for name, v in (("x", x), *contexts.items()):
+            if not isinstance(v, torch.Tensor) or v.dim() != 5 or v.shape[-1] != self.config.patch_dim:
+                raise ValueError(f"JDiT.{where}: argument '{name}' must be a patchified latent [B, T, H, W, "
+                                 f"{self.config.patch_dim}], got {getattr(v, 'shape', type(v).__name__)}")
+        for name, v in contexts.items():
+            if v.shape[0] != x.shape[0] or v.shape[2:4] != x.shape[2:4]:
+                raise ValueError(f"JDiT.{where}: {name!r} {tuple(v.shape)} must share B, H and W with 'x' "
+                                 f"{tuple(x.shape)}")
+        B = x.shape[0]
+        if not isinstance(t, torch.Tensor) or t.shape != (B,):
+            raise ValueError(f"JDiT.{where}: argument 't' must be a tensor of shape [{B}], got "
+                             f"{getattr(t, 'shape', type(t).__name__)}")
 
 
 def patchify(latent: torch.Tensor, p: int) -> torch.Tensor:

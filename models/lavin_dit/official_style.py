@@ -98,8 +98,7 @@ class OfficialStyleJDiT(nn.Module):
         [B, T_c, H, W, p*p*C] at flow time ``t`` [B] (the official ``LaVinDiT.forward``)."""
         del kwargs
         m, cfg = self.model, self.config
-        m._check(x, "x")
-        m._check(cond, "cond")
+        m._check_inputs("OfficialStyleJDiT.forward", x, t, cond=cond)
         B, Tx, H, W, _ = x.shape
         Tc = cond.shape[1]
         dtype = m.x_embedder[0].weight.dtype
