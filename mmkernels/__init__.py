@@ -9,6 +9,8 @@ Public ops (each with torch / Triton / CUDA backends, autograd, and torch.compil
 * :func:`adarn` - LaVin-DiT's fused AdaRN: RMSNorm, (1 + scale), tanh(gate), residual add in one pass (torch / Triton).
 * :func:`causal_conv3d` - ST-VAE's causal 3D conv (replicated first frame, stride, streaming cache) as an implicit
   GEMM with no padded copies (torch / Triton).
+* :func:`ms_deform_attn` - multi-scale deformable attention (Deformable-DETR / Unpair-Seg), fp32 accumulation,
+  bf16/fp16/fp32 I/O, deterministic backward option (torch / Triton).
 
 Choose a backend with ``with mmkernels.use_backend("triton"): ...`` or ``MMKERNELS_BACKEND=triton``; ``auto``
 (the default) picks the fastest validated backend for the inputs. ``python -m mmkernels`` lists what runs here.
@@ -19,10 +21,11 @@ from mmkernels.ops.adarn import adarn
 from mmkernels.ops.causal_conv3d import causal_conv3d
 from mmkernels.ops.group_norm_silu import group_norm_silu
 from mmkernels.ops.joint_attention import joint_attention
+from mmkernels.ops.ms_deform_attn import ms_deform_attn
 from mmkernels.ops.rms_norm import rms_norm
 from mmkernels.ops.rope3d import RoPE3DSpec, rope3d
 
 __version__ = "0.1.0"
 
 __all__ = ["BackendError", "RoPE3DSpec", "group_norm_silu", "joint_attention", "rms_norm", "rope3d", "use_backend",
-           "adarn", "causal_conv3d", "__version__"]
+           "adarn", "causal_conv3d", "ms_deform_attn", "__version__"]
