@@ -1,7 +1,8 @@
 """Checkpoint loading that never runs code and never loads silently wrong.
 
-* :func:`read_state_dict` reads ``.safetensors`` with safetensors, anything else with
-  ``torch.load(weights_only=True)`` (which refuses pickled code), and unwraps one level of a training checkpoint
+* :func:`read_state_dict` reads ``.safetensors`` with safetensors, TorchScript archives with the code-free reader of
+  models/common/torchscript.py, anything else with ``torch.load(weights_only=True)`` (which refuses pickled code),
+  and unwraps one level of a training checkpoint
   ({"state_dict": ...}, {"model": ...}, {"module": ...}).
 * :func:`strip_prefixes` removes wrapper prefixes such as ``module.`` (DDP/DeepSpeed) and ``_orig_mod.``
   (torch.compile).
@@ -30,6 +31,13 @@ def read_state_dict(path: Union[str, os.PathLike]) -> StateDict:
         from safetensors.torch import load_file
 
         return load_file(path, device="cpu")
+    from models.common.torchscript import is_torchscript, read_torchscript_state_dict
+
+    if is_torchscript(path):  # e.g. OpenAI's CLIP archives: tensors only, none of the archived code runs
+        try:
+            return read_torchscript_state_dict(path)
+        except Exception as e:
+            raise ValueError(f"checkpoint {path!r} (a TorchScript archive) could not be read safely: {e}") from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler refuses anything beyond tensors and plain containers
