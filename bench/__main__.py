@@ -22,8 +22,9 @@ import torch
 
 from bench import common
 
-OPS = ("rms_norm", "rope3d", "joint_attention", "adarn", "group_norm_silu", "causal_conv3d", "stvae", "ms_deform_attn")
-MODELS = ("lavin_dit_sampling", "lavin_dit_train")  # bench/models/: end to end
+OPS = ("rms_norm", "rope3d", "joint_attention", "adarn", "group_norm_silu", "causal_conv3d", "stvae", "ms_deform_attn",
+       "mask_pool")
+MODELS = ("lavin_dit_sampling", "lavin_dit_train", "cris")  # bench/models/: end to end
 
 
 def _names(p, flag: str, value, known) -> list[str]:

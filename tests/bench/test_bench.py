@@ -272,3 +272,29 @@ def test_official_style_jdit_matches_the_spec_and_ours():
                        model(patchify(lat, 2), tt[:1], patchify(c_null, 2)), 1.5)
     assert out.shape == (2, 16, 1, 4, 6)
     assert rel_err(out[:1], want) < 1e-5 and torch.equal(out[0], out[1])
+
+
+def test_cpu_quick_ms_deform_attn(tmp_path):
+    """The MSDA bench on the CPU: our torch backend (atomic and deterministic backward) against grid_sample, checked."""
+    out = tmp_path / "msda.json"
+    assert bench_main.main(["--quick", "--device", "cpu", "--ops", "ms_deform_attn", "--out", str(out)]) == 0
+    by = {(r["impl"], r["pass"]): r for r in json.loads(out.read_text())["records"]}
+    for impl in ("grid_sample", "mmkernels[torch]", "mmkernels[torch] deterministic"):
+        for p in ("fwd", "fwd+bwd"):
+            r = by[(impl, p)]
+            assert math.isfinite(r["ms"]) and r["ms"] > 0 and r["bytes"] > 0 and r["flops"] > 0, r
+            assert r["rel_err"] < 1e-4 and "WRONG" not in r["note"], r
+
+
+def test_cpu_quick_cris(tmp_path):
+    """The CRIS end-to-end bench on the CPU (tiny preset): ours equal to the official-style computation (fp32),
+    inference at two batch sizes and the training step timed."""
+    records = _models_json(tmp_path, "cris")
+    inf = [r for r in records if r["pass"] == "inference"]
+    assert {r["extra"]["batch"] for r in inf} == {1, 4}
+    for r in inf:
+        assert math.isfinite(r["ms"]) and r["ms"] > 0 and r["flops"] > 0 and "WRONG" not in r["note"], r
+        if r["impl"] != "official-style (fp32)":
+            assert r["rel_err"] < 1e-3 and r["extra"]["speedup_vs_official"] > 0, r
+    train = [r for r in records if r["pass"].startswith("train step")]
+    assert len(train) == 2 and all(r["ms"] > 0 for r in train)
