@@ -42,6 +42,37 @@ std::vector<at::Tensor> group_norm_silu_bwd(const at::Tensor& dy, const at::Tens
                                             const std::optional<at::Tensor>& dscale,
                                             const std::optional<at::Tensor>& dshift, int64_t num_groups, bool silu,
                                             std::vector<int64_t> factors, bool first, std::vector<int64_t> tuning);
+// mask_pool (csrc/mask_pool/mask_pool.cu)
+void mask_pool_fwd(const at::Tensor& features, const at::Tensor& masks, const at::Tensor& h0, const at::Tensor& h1,
+                   const at::Tensor& lh, const at::Tensor& w0, const at::Tensor& w1, const at::Tensor& lw,
+                   at::Tensor& out, at::Tensor& denom, int64_t mode, double thr, double eps);
+void mask_pool_bwd_dx(const at::Tensor& dout, const at::Tensor& denom, const at::Tensor& features,
+                      const at::Tensor& masks, const at::Tensor& h0, const at::Tensor& h1, const at::Tensor& lh,
+                      const at::Tensor& w0, const at::Tensor& w1, const at::Tensor& lw, at::Tensor& dx, int64_t mode,
+                      double thr);
+void mask_pool_bwd_dmask(const at::Tensor& dout, const at::Tensor& denom, const at::Tensor& u,
+                         const at::Tensor& features, const at::Tensor& masks, const at::Tensor& h0,
+                         const at::Tensor& h1, const at::Tensor& lh, const at::Tensor& w0, const at::Tensor& w1,
+                         const at::Tensor& lw, const at::Tensor& rlo, const at::Tensor& rhi, const at::Tensor& clo,
+                         const at::Tensor& chi, at::Tensor& dm, double thr);
+// ms_deform_attn (csrc/ms_deform_attn/ms_deform_attn.cu)
+at::Tensor ms_deform_attn_fwd(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                              const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                              const at::Tensor& attention_weights);
+std::vector<at::Tensor> ms_deform_attn_bwd(const at::Tensor& grad_out, const at::Tensor& value,
+                                           const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                                           const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                                           bool value_grad);
+at::Tensor ms_deform_attn_bwd_value(const at::Tensor& grad_out, const at::Tensor& value,
+                                    const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                                    const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                                    const at::Tensor& entries, const at::Tensor& offsets);
+// mask_nms (csrc/mask_nms/mask_nms.cu)
+std::vector<at::Tensor> mask_nms_pack(const at::Tensor& src, const at::Tensor& order, int64_t factor, double lam0,
+                                      double lam1, int64_t out_h, int64_t out_w, double threshold);
+at::Tensor mask_nms_suppress(const at::Tensor& bits, const at::Tensor& area, double iou_threshold,
+                             double coverage_threshold, double eps, bool combine_and);
+at::Tensor mask_nms_scan(const at::Tensor& sup);
 }  // namespace mmk
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -49,7 +80,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_archs", [] { return std::string(MMKERNELS_CUDA_ARCHS); },
         "The TORCH_CUDA_ARCH_LIST this extension was compiled for, e.g. '8.0;9.0a'.");
   m.def("compiled_ops", [] {
-          return std::vector<std::string>{"causal_conv3d", "group_norm_silu", "joint_attention", "rms_norm", "rope3d"};
+          return std::vector<std::string>{"causal_conv3d", "group_norm_silu", "joint_attention", "mask_nms",
+                                          "mask_pool", "ms_deform_attn", "rms_norm", "rope3d"};
         },
         "Names of the ops whose CUDA kernels are compiled into this extension.");
   m.def("rms_norm_fwd", &mmk::rms_norm_fwd, "RMSNorm forward over the last dim of a 2-D [M, N] view.",
@@ -96,4 +128,53 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("dy"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("scale"), py::arg("shift"),
         py::arg("mean"), py::arg("rstd"), py::arg("dx"), py::arg("dscale"), py::arg("dshift"), py::arg("num_groups"),
         py::arg("silu"), py::arg("factors"), py::arg("first"), py::arg("tuning"));
+  m.def("mask_pool_fwd", &mmk::mask_pool_fwd,
+        "Mask pooling forward (fp32 FMA tiles): writes out [B, Q, C] (contiguous, features' dtype) and denom fp32 "
+        "[B, Q] from features [B, C, Hf, Wf] and mask logits [B, Q, Hm, Wm] (any strides) resized through the tap "
+        "tables h0, h1, lh, w0, w1, lw (mmkernels/ops/mask_pool/reference.py: taps); mode 0 official, 1 hard, "
+        "2 soft. Layouts: csrc/mask_pool/mask_pool.h.",
+        py::arg("features"), py::arg("masks"), py::arg("h0"), py::arg("h1"), py::arg("lh"), py::arg("w0"),
+        py::arg("w1"), py::arg("lw"), py::arg("out"), py::arg("denom"), py::arg("mode"), py::arg("thr"),
+        py::arg("eps"));
+  m.def("mask_pool_bwd_dx", &mmk::mask_pool_bwd_dx,
+        "Mask pooling backward for the features: writes dx (features' shape, any strides) = (w / denom)^T @ dout.",
+        py::arg("dout"), py::arg("denom"), py::arg("features"), py::arg("masks"), py::arg("h0"), py::arg("h1"),
+        py::arg("lh"), py::arg("w0"), py::arg("w1"), py::arg("lw"), py::arg("dx"), py::arg("mode"), py::arg("thr"));
+  m.def("mask_pool_bwd_dmask", &mmk::mask_pool_bwd_dmask,
+        "Mask pooling backward for the masks (soft mode): writes dm (contiguous, masks' shape) through the adjoint "
+        "of the resize, gathered per 8x8 source tile over the feature ranges rlo, rhi, clo, chi.",
+        py::arg("dout"), py::arg("denom"), py::arg("u"), py::arg("features"), py::arg("masks"), py::arg("h0"),
+        py::arg("h1"), py::arg("lh"), py::arg("w0"), py::arg("w1"), py::arg("lw"), py::arg("rlo"), py::arg("rhi"),
+        py::arg("clo"), py::arg("chi"), py::arg("dm"), py::arg("thr"));
+  m.def("ms_deform_attn_fwd", &mmk::ms_deform_attn_fwd,
+        "Multi-scale deformable attention forward: out [B, Q, H*C] (value's dtype) from value [B, S, H, C], "
+        "spatial_shapes int64 [L, 2], level_start_index int64 [L], sampling_locations [B, Q, H, L, P, 2] and "
+        "attention_weights [B, Q, H, L, P] (fp32 or value's dtype), all contiguous. Layouts: "
+        "csrc/ms_deform_attn/msda.h.",
+        py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"), py::arg("sampling_locations"),
+        py::arg("attention_weights"));
+  m.def("ms_deform_attn_bwd", &mmk::ms_deform_attn_bwd,
+        "Multi-scale deformable attention backward: [grad_value, grad_loc, grad_attn]; grad_value by fp32 atomics "
+        "when value_grad, else an empty [0] tensor (see ms_deform_attn_bwd_value). grad_out [B, Q, H*C] contiguous.",
+        py::arg("grad_out"), py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"),
+        py::arg("sampling_locations"), py::arg("attention_weights"), py::arg("value_grad"));
+  m.def("ms_deform_attn_bwd_value", &mmk::ms_deform_attn_bwd_value,
+        "Deterministic grad_value [B, S, H, C] (value's dtype): a gather over the CSR plan (entries int64 [E], "
+        "offsets int64 [B*S*H + 1]) of mmkernels/ops/ms_deform_attn/plan.py: value_grad_csr.",
+        py::arg("grad_out"), py::arg("value"), py::arg("spatial_shapes"), py::arg("level_start_index"),
+        py::arg("sampling_locations"), py::arg("attention_weights"), py::arg("entries"), py::arg("offsets"));
+  m.def("mask_nms_pack", &mmk::mask_nms_pack,
+        "Mask NMS stage 1: binary masks of src [N, H, W] (read through order int64 [N], downsampled by PyTorch's "
+        "CUDA bilinear formula when factor > 1) packed 32 pixels per word: (bits int32 [N, ceil(Ho*Wo/32)], "
+        "area int32 [N]). Layouts: csrc/mask_nms/mask_nms.cu.",
+        py::arg("src"), py::arg("order"), py::arg("factor"), py::arg("lam0"), py::arg("lam1"), py::arg("out_h"),
+        py::arg("out_w"), py::arg("threshold"));
+  m.def("mask_nms_suppress", &mmk::mask_nms_suppress,
+        "Mask NMS stage 2: the bit-packed suppression matrix int32 [N, ceil(N/32)] (popcount intersections, fp32 "
+        "IoU/coverage decisions) of the packed masks.",
+        py::arg("bits"), py::arg("area"), py::arg("iou_threshold"), py::arg("coverage_threshold"), py::arg("eps"),
+        py::arg("combine_and"));
+  m.def("mask_nms_scan", &mmk::mask_nms_scan,
+        "Mask NMS stage 3: keep flags uint8 [N] of the greedy walk over the suppression matrix (one block).",
+        py::arg("sup"));
 }

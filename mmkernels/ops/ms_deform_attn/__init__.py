@@ -20,7 +20,7 @@ bf16 value, fp32 locations and weights as the module produces them): N = 2.06M s
 11.0 MB value + 16.5 MB locations + 8.3 MB weights + 11.0 MB output = 46.8 MB (11 us at 4.3 TB/s), while the
 gathers move 4*N*64 B = 528 MB through L2 (value fits in the 50 MB L2 many times over). The op is L2-gather-bound:
 its floor is the gathered bytes at the L2 bandwidth (bench/ops/ms_deform_attn.py computes it from a measured L2
-read bandwidth in the same run). The FLOPs (25 GFLOP) are negligible against 790 TFLOP/s. Anchors: the
+read bandwidth in the same run). The FLOPs (0.8 GFLOP per image) are negligible against 790 TFLOP/s. Anchors: the
 grid_sample reference (what the official code falls back to) and the official one-thread-per-channel kernel
 design (fp32 only), measured in the same run.
 """
