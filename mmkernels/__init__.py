@@ -12,6 +12,8 @@ Public ops (each with torch / Triton / CUDA backends, autograd, and torch.compil
 * :func:`ms_deform_attn` - multi-scale deformable attention (Deformable-DETR / Unpair-Seg), fp32 accumulation,
   bf16/fp16/fp32 I/O, deterministic backward option (torch / Triton).
 * :func:`mask_pool` - Unpair-Seg's mask pooling: mask logits resized on the fly (never materialized) + masked mean.
+* :func:`mask_nms` - Unpair-Seg's mask NMS by IoU and coverage: bit-packed masks, pairwise intersections and the
+  greedy scan on the GPU, decisions identical to the official loop (no autograd: indices).
 
 Choose a backend with ``with mmkernels.use_backend("triton"): ...`` or ``MMKERNELS_BACKEND=triton``; ``auto``
 (the default) picks the fastest validated backend for the inputs. ``python -m mmkernels`` lists what runs here.
@@ -22,6 +24,7 @@ from mmkernels.ops.adarn import adarn
 from mmkernels.ops.causal_conv3d import causal_conv3d
 from mmkernels.ops.group_norm_silu import group_norm_silu
 from mmkernels.ops.joint_attention import joint_attention
+from mmkernels.ops.mask_nms import mask_nms
 from mmkernels.ops.mask_pool import mask_pool
 from mmkernels.ops.ms_deform_attn import ms_deform_attn
 from mmkernels.ops.rms_norm import rms_norm
@@ -30,4 +33,5 @@ from mmkernels.ops.rope3d import RoPE3DSpec, rope3d
 __version__ = "0.1.0"
 
 __all__ = ["BackendError", "RoPE3DSpec", "group_norm_silu", "joint_attention", "rms_norm", "rope3d", "use_backend",
-           "adarn", "causal_conv3d", "ms_deform_attn", "mask_pool", "__version__"]
+           "adarn", "causal_conv3d", "ms_deform_attn", "mask_pool", "mask_nms",
+           "__version__"]

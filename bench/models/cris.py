@@ -174,6 +174,8 @@ def _train_records(ctx: Context, cfg: CRISConfig, base: CRIS, batches, reps: int
             step()  # warm-up
             times[label] = wall_seconds(step, dev, reps)
             del model, opt
+        # Bytes charged: the fp32 weights read once plus the images and targets (a lower bound of the traffic).
+        nbytes = sum(v.numel() * 4 for v in base.state_dict().values()) + img.numel() * 4 + mask.numel() * 4
         t_base = median(times["unfused torch ops (fp32)"])
         for label, samples in times.items():
             secs = median(samples)
@@ -181,6 +183,6 @@ def _train_records(ctx: Context, cfg: CRISConfig, base: CRIS, batches, reps: int
             note = "baseline" if label.startswith("unfused") else f"{t_base / secs:.2f}x vs unfused fp32"
             records.append(ModelRecord("cris", f"{'RN50' if ctx.cuda else 'tiny'} train step B{B}",
                                        f"[{B}, 3, {cfg.input_size}, {cfg.input_size}]", "bf16" if ctx.cuda else
-                                       "float32", label, "train step (fwd+bwd+Adam)", secs * 1e3, 0, 0, note=note,
+                                       "float32", label, "train step (fwd+bwd+Adam)", secs * 1e3, nbytes, 0, note=note,
                                        extra=extra).finish(ctx.copy_gbps))
     return records
