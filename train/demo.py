@@ -3,11 +3,12 @@
 1. ``python -m mmkernels``: versions and which backend runs which op on this machine;
 2. ``python -m bench --quick`` on the available device (kernels against their baselines, and the model benchmarks);
 3. each model trained at tiny size on ShapesWorld with DeepSpeed (on the CPU: a few minutes each), evaluated on
-   held-out queries against its untrained self: LaVin-DiT (train/lavin_dit_demo.py).
+   held-out queries against its untrained self: LaVin-DiT (train/lavin_dit_demo.py), then CRIS
+   (train/cris_demo.py: referring segmentation, which must also reach its own bar, held-out mIoU >= 0.5).
 
 Everything lands in ``--out`` (default ``demo_out/``): ``report.md`` with all of it (backend table, benchmark table,
-metrics, loss curves, prediction images), plus each part's own files. Exit status 0 when every part ran and every
-trained model beats its untrained version on every task.
+metrics, loss curves, prediction images), plus each part's own files. Exit status 0 when every part ran, every
+trained model beats its untrained version on every task, and CRIS reaches its mIoU bar.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-steps", type=int, default=None, help="override the LaVin-DiT config's ST-VAE steps")
     ap.add_argument("--dit-steps", type=int, default=None, help="override the LaVin-DiT config's J-DiT steps")
     ap.add_argument("--queries", type=int, default=16, help="held-out evaluation queries per task")
+    ap.add_argument("--cris-epochs", type=int, default=None, help="override the tiny CRIS config's epochs")
+    ap.add_argument("--skip-cris", action="store_true", help="leave out the CRIS part")
     args = ap.parse_args(argv)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -72,6 +75,14 @@ def main(argv=None) -> int:
     if not lavin_ok:
         failures.append("LaVin-DiT: the trained model does not beat the untrained one on every task")
 
+    cris_md = "## CRIS (tiny)\n\n(skipped: --skip-cris)\n"
+    if not args.skip_cris:
+        from train import cris_demo
+
+        cris_md, cris_ok = cris_demo.run(out, epochs=args.cris_epochs)
+        if not cris_ok:
+            failures.append(f"CRIS: the trained model's held-out mIoU is below {cris_demo.BAR}")
+
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'}, " \
                                                                              f"{os.cpu_count()} cores)"
     lines = ["# mmkernels demo", "",
@@ -79,8 +90,9 @@ def main(argv=None) -> int:
              "## Backends (`python -m mmkernels`)", "", "```", backends.strip(), "```", "",
              "## Benchmarks (`python -m bench --quick`)", "",
              "On a CPU these time only the torch paths at small sizes: kernel and model timings that mean something "
-             "need a GPU (bench/results/).", "", bench_md.strip(), "", lavin_md, "## Result", ""]
-    lines += ["Every part ran and every trained model beat its untrained version."] if not failures else \
+             "need a GPU (bench/results/).", "", bench_md.strip(), "", lavin_md, cris_md, "## Result", ""]
+    lines += ["Every part ran, every trained model beat its untrained version"
+              + ("" if args.skip_cris else " and CRIS reached its mIoU bar") + "."] if not failures else \
         [f"- FAILED: {f}" for f in failures]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

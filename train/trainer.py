@@ -5,7 +5,8 @@ Interface
 ::
 
     cfg = TrainConfig(out_dir="runs/x", steps=1000, micro_batch=4, lr=1e-4, warmup_steps=100, schedule="cosine")
-    trainer = Trainer(model, loss_fn, dataset, cfg, collate_fn=None, group_key=None, eval_fn=None)
+    trainer = Trainer(model, loss_fn, dataset, cfg, collate_fn=None, group_key=None, eval_fn=None,
+                      param_groups=None)
     records = trainer.train()        # resumes from cfg.out_dir when it holds a checkpoint
     ema = trainer.ema_model()        # rank 0: an fp32 copy of the model with the EMA weights
 
@@ -16,10 +17,10 @@ Interface
     micro_batch: int = 1              # samples per micro-batch per process
     grad_accum: int = 1               # micro-batches per optimizer step
     lr: float = 1e-4                  # peak learning rate
-    betas: tuple = (0.9, 0.95)        # AdamW
-    weight_decay: float = 0.01        # AdamW, on parameters with ndim >= 2
+    betas: tuple = (0.9, 0.95)        # AdamW / Adam
+    weight_decay: float = 0.01        # on parameters with ndim >= 2 (AdamW: decoupled; Adam: L2, added to the grad)
     warmup_steps: int = 0             # linear warmup
-    schedule: str = "constant"        # or "cosine" (to min_lr_ratio * lr at the last step)
+    schedule: str = "constant"        # or "cosine" (to min_lr_ratio * lr at the last step), or "multistep"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0            # global-norm clipping; 0 disables it
     ema_decay: float | None = 0.9999  # None: no EMA
@@ -32,6 +33,10 @@ Interface
     ds_config: dict | str | None = None  # DeepSpeed JSON (dict, path, or name in train/configs/) over the generated
     num_workers: int = 0              # DataLoader workers
     progress: bool = True             # tqdm bar on rank 0
+    optimizer: str = "adamw"          # or "adam" (torch.optim.Adam, e.g. CRIS's official recipe)
+    eps: float = 1e-8                 # AdamW / Adam epsilon
+    milestones: tuple = ()            # "multistep": 0-based optimizer steps from which the lr is multiplied by gamma
+    gamma: float = 0.1                # "multistep": the factor per milestone passed
 
 * ``model``: an ``nn.Module`` whose parameters with ``requires_grad`` are trained (frozen ones stay as they are).
   Gradient checkpointing is the model's own switch.
@@ -44,6 +49,14 @@ Interface
   ``loss_fn`` upcasts where it needs fp32.
 * ``dataset``: map-style (``__len__`` and ``__getitem__``); ``collate_fn`` defaults to torch's ``default_collate``.
 * ``group_key(i) -> hashable`` (optional): every micro-batch holds indices of one key only (shape or task groups).
+* ``param_groups(named_params) -> [group, ...]`` (optional): the optimizer's parameter groups, from the list of
+  ``(name, parameter)`` of the trainable parameters. A group is a dict with ``"params"`` (a list of those parameters;
+  every trainable parameter in exactly one group) and optionally ``"name"`` (str: its lr is then logged as
+  ``lr/<name>``), ``"lr_mult"`` (float, default 1: the group's lr is ``lr * lr_mult * f(s)``), ``"weight_decay"``
+  (default ``TrainConfig.weight_decay``, on every parameter of the group) and ``"lr_fn"`` (a callable ``step -> float``
+  multiplying that group's schedule factor, e.g. a group-specific first epoch; make it a module-level function or a
+  callable object, as ``LambdaLR`` keeps it by reference). Empty groups are dropped. Without ``param_groups`` the
+  groups are the weight-decay split below.
 * ``eval_fn(model, step) -> {name: float}`` (optional): runs on rank 0 at every save point, under ``torch.no_grad``,
   on the EMA model when EMA is on and on the raw model otherwise (in eval mode). Its results are written as a line
   ``{"step": N, "eval/<name>": value, ...}``. The RNG states are restored after it, so evaluation that draws random
@@ -59,19 +72,25 @@ micro-batches are shuffled by the same generator. Consecutive runs of ``world_si
 the steps; rank ``r`` takes micro-batches ``r*grad_accum .. (r+1)*grad_accum - 1`` of each. Micro-batches that do not
 fill a last step are dropped, so every epoch has the same number of steps. The position (epoch, step within epoch) is
 part of the checkpoint. Each epoch gets a fresh ``DataLoader`` over these micro-batches (``num_workers`` worker
-processes, seeded from (seed, epoch, position, rank)). Random numbers a dataset draws in ``__getitem__`` resume exactly
-only with ``num_workers=0`` (they come from the restored global RNG); with workers, make samples a function of their
-index (as ShapesWorld's are).
+processes, seeded from (seed, epoch, position, rank)); before it is made, ``dataset.set_epoch(epoch)`` is called
+when the dataset has that method (0-based epochs, as ``DistributedSampler.set_epoch``), so a dataset can vary its
+samples per epoch (e.g. a randomly chosen sentence) and still resume exactly. Random numbers a dataset draws in
+``__getitem__`` resume exactly only with ``num_workers=0`` (they come from the restored global RNG); with workers, make
+samples a function of their index (as ShapesWorld's are).
 
 The learning rate of step ``s`` (0-based) is ``lr * f(s)`` with, for ``W = warmup_steps`` and ``T = steps``::
 
     f(s) = (s + 1) / W                                   if s < W
     f(s) = 1                                             if schedule == "constant"
     f(s) = m + (1 - m) * (1 + cos(pi * p)) / 2,  p = min(1, (s - W) / max(1, T - 1 - W)),  m = min_lr_ratio
+    f(s) = gamma ** #{k in milestones : s >= k}          if schedule == "multistep"
 
-so cosine reaches ``min_lr_ratio * lr`` at the last step. It is a ``LambdaLR`` that DeepSpeed steps after every
+so cosine reaches ``min_lr_ratio * lr`` at the last step, and "multistep" is ``MultiStepLR`` counted in optimizer
+steps (an epoch milestone ``e`` is the step ``e * steps_per_epoch``). It is a ``LambdaLR`` (one function per parameter
+group: ``f`` times the group's ``lr_fn``, on a base lr of ``lr * lr_mult``) that DeepSpeed steps after every
 optimizer step and saves in its checkpoint (:func:`lr_factor`). The optimizer is ``torch.optim.AdamW`` (deterministic
-on CPU) with ``weight_decay`` on parameters of two or more dimensions and none on biases and norm scales.
+on CPU), or ``torch.optim.Adam`` with ``optimizer="adam"``, by default with ``weight_decay`` on parameters of two or
+more dimensions and none on biases and norm scales (``param_groups`` replaces that split).
 
 DeepSpeed
 ---------
@@ -82,7 +101,9 @@ config goes into ``out_dir/config.json``). Only the batch keys must agree with `
 because the sampler uses them: a disagreement raises. When the merged config has an ``"optimizer"`` or
 ``"scheduler"`` section, DeepSpeed builds that one instead of ours. ``precision="auto"`` is bf16 on CUDA and fp32 on
 CPU. ``grad_clip=0`` disables clipping; ``grad_norm`` in the metrics is the engine's global norm before clipping
-(``null`` where the engine does not compute one, e.g. fp32 ZeRO-0 without clipping).
+(``null`` where the engine does not compute one, e.g. fp32 ZeRO-0 without clipping). DeepSpeed cannot hold 0-dim
+parameters (its broadcast, clipping and mixed-precision copies fail on them), so a model with one is refused with a
+``ValueError`` naming it: make it a buffer if it is not trained, or a 1-element vector.
 
 EMA
 ---
@@ -113,7 +134,8 @@ Metrics and logging
 Every ``log_every`` steps and at the last step, rank 0 appends to ``out_dir/metrics.jsonl``:
 ``{"step", "loss", "lr", "grad_norm", "samples", "time", "step_time", ...loss_fn metrics}`` where ``step`` counts
 completed optimizer steps (1-based), ``loss`` and the metrics are means over the micro-batches of every rank since the
-previous record, ``lr`` and ``grad_norm`` belong to the recorded step, ``samples`` counts samples seen by all ranks,
+previous record, ``lr`` (the first parameter group's; named groups add ``lr/<name>``) and ``grad_norm`` belong to the
+recorded step, ``samples`` counts samples seen by all ranks,
 ``time`` is training wall time in seconds over all runs and ``step_time`` the mean seconds per step of the window.
 A tqdm bar runs on rank 0 (``progress=False`` hides it), and TensorBoard scalars go to ``out_dir/tensorboard`` when
 ``torch.utils.tensorboard`` imports.
@@ -217,6 +239,10 @@ class TrainConfig:
     ds_config: Any = None
     num_workers: int = 0
     progress: bool = True
+    optimizer: str = "adamw"
+    eps: float = 1e-8
+    milestones: tuple = ()
+    gamma: float = 0.1
 
     def __post_init__(self):
         if isinstance(self.out_dir, os.PathLike):
@@ -235,8 +261,9 @@ class TrainConfig:
             _float_field(f"betas[{i}]", b, 0.0, 1.0, hi_open=True)
         _float_field("weight_decay", self.weight_decay, 0.0, math.inf, hi_open=True)
         _int_field("warmup_steps", self.warmup_steps, 0)
-        if self.schedule not in ("constant", "cosine"):
-            raise ValueError(f"TrainConfig.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.schedule not in ("constant", "cosine", "multistep"):
+            raise ValueError(f"TrainConfig.schedule must be 'constant', 'cosine' or 'multistep', got "
+                             f"{self.schedule!r}")
         _float_field("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         _float_field("grad_clip", self.grad_clip, 0.0, math.inf, hi_open=True)
         if self.ema_decay is not None:
@@ -259,19 +286,35 @@ class TrainConfig:
         _int_field("num_workers", self.num_workers, 0)
         if not isinstance(self.progress, bool):
             raise ValueError(f"TrainConfig.progress must be a bool, got {self.progress!r}")
+        if self.optimizer not in ("adamw", "adam"):
+            raise ValueError(f"TrainConfig.optimizer must be 'adamw' or 'adam', got {self.optimizer!r}")
+        _float_field("eps", self.eps, 0.0, math.inf, lo_open=True, hi_open=True)
+        if isinstance(self.milestones, list):
+            self.milestones = tuple(self.milestones)
+        if not isinstance(self.milestones, tuple):
+            raise ValueError(f"TrainConfig.milestones must be a list of optimizer steps, got {self.milestones!r}")
+        for i, m in enumerate(self.milestones):
+            _int_field(f"milestones[{i}]", m, 0)
+        if list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"TrainConfig.milestones must be in increasing order, got {list(self.milestones)}")
+        _float_field("gamma", self.gamma, 0.0, 1.0, lo_open=True)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["betas"] = list(self.betas)
+        d["milestones"] = list(self.milestones)
         return d
 
 
-def lr_factor(step: int, *, steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
+def lr_factor(step: int, *, steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float,
+              milestones: tuple = (), gamma: float = 0.1) -> float:
     """The LR multiplier of optimizer step ``step`` (0-based); the formula is in the module docstring."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
+    if schedule == "multistep":
+        return gamma ** sum(1 for m in milestones if step >= m)
     p = min(1.0, (step - warmup_steps) / max(1, steps - 1 - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
 
@@ -437,6 +480,71 @@ def _parse_fault() -> tuple[Optional[str], int]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Parameter groups
+
+
+def _group_factor(schedule: Callable[[int], float], lr_fn: Callable[[int], float]) -> Callable[[int], float]:
+    """``schedule(step) * lr_fn(step)``: one parameter group's LambdaLR function. A plain function on purpose:
+    LambdaLR saves the ``__dict__`` of callable objects into the checkpoint but nothing of functions, and both parts
+    are rebuilt by the code on resume, so nothing needs restoring."""
+
+    def factor(step: int) -> float:
+        return schedule(step) * float(lr_fn(step))
+
+    return factor
+
+
+_GROUP_KEYS = {"params", "name", "lr_mult", "weight_decay", "lr_fn"}
+
+
+def _custom_groups(out, named, config: TrainConfig):
+    """Validate what a ``param_groups`` callable returned (module docstring) -> (optimizer groups with their
+    ``lr`` = ``config.lr * lr_mult`` and ``weight_decay``, names, lr_fns), empty groups dropped."""
+    if not isinstance(out, (list, tuple)) or not all(isinstance(g, dict) for g in out):
+        raise TypeError(f"Trainer: 'param_groups' must return a list of dicts, got {type(out).__name__}")
+    names_of = {id(p): n for n, p in named}
+    seen: dict[int, int] = {}
+    groups, names, fns = [], [], []
+    for k, g in enumerate(out):
+        unknown = sorted(set(g) - _GROUP_KEYS)
+        if unknown:
+            raise ValueError(f"Trainer: param_groups group {k} has unknown key(s) {unknown}; known: "
+                             f"{sorted(_GROUP_KEYS)}")
+        params = list(g.get("params", []))
+        for p in params:
+            if id(p) not in names_of:
+                raise ValueError(f"Trainer: param_groups group {k} holds a tensor that is not a trainable parameter "
+                                 "of the model")
+            if id(p) in seen:
+                raise ValueError(f"Trainer: param_groups puts {names_of[id(p)]} in groups {seen[id(p)]} and {k}")
+            seen[id(p)] = k
+        mult = g.get("lr_mult", 1.0)
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not math.isfinite(mult) or mult < 0:
+            raise ValueError(f"Trainer: param_groups group {k}: 'lr_mult' must be a finite number >= 0, got {mult!r}")
+        wd = g.get("weight_decay", config.weight_decay)
+        if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not math.isfinite(wd) or wd < 0:
+            raise ValueError(f"Trainer: param_groups group {k}: 'weight_decay' must be a finite number >= 0, got "
+                             f"{wd!r}")
+        name = g.get("name")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"Trainer: param_groups group {k}: 'name' must be a non-empty str, got {name!r}")
+        if name is not None and name in names:
+            raise ValueError(f"Trainer: param_groups has two groups named {name!r}")
+        lr_fn = g.get("lr_fn")
+        if lr_fn is not None and not callable(lr_fn):
+            raise TypeError(f"Trainer: param_groups group {k}: 'lr_fn' must be callable, got {type(lr_fn).__name__}")
+        if params:
+            groups.append({"params": params, "lr": config.lr * float(mult), "weight_decay": float(wd)})
+            names.append(name)
+            fns.append(lr_fn)
+    missing = [n for n, p in named if id(p) not in seen]
+    if missing:
+        raise ValueError(f"Trainer: param_groups leaves {len(missing)} trainable parameter(s) out of every group, "
+                         f"e.g. {missing[:5]}")
+    return groups, names, fns
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Trainer
 
 
@@ -449,13 +557,13 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, dataset, config: TrainConfig, *,
                  collate_fn: Optional[Callable] = None, group_key: Optional[Callable[[int], Any]] = None,
-                 eval_fn: Optional[Callable] = None):
+                 eval_fn: Optional[Callable] = None, param_groups: Optional[Callable] = None):
         if not isinstance(config, TrainConfig):
             raise TypeError(f"Trainer: 'config' must be a TrainConfig, got {type(config).__name__}")
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Trainer: 'model' must be a torch.nn.Module, got {type(model).__name__}")
         for name, fn in (("loss_fn", loss_fn), ("collate_fn", collate_fn), ("group_key", group_key),
-                         ("eval_fn", eval_fn)):
+                         ("eval_fn", eval_fn), ("param_groups", param_groups)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"Trainer: '{name}' must be callable, got {type(fn).__name__}")
         if loss_fn is None:
@@ -484,23 +592,40 @@ class Trainer:
         need_copy = self.zero_stage == 3 and (config.ema_decay is not None or eval_fn is not None)
         self._template = copy.deepcopy(model).cpu() if need_copy and self.rank == 0 else None
 
-        decay = [p for _, p in named if p.ndim >= 2]
-        no_decay = [p for _, p in named if p.ndim < 2]
-        groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        if param_groups is None:
+            decay = [p for _, p in named if p.ndim >= 2]
+            no_decay = [p for _, p in named if p.ndim < 2]
+            groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+            self.group_names: list[Optional[str]] = [None] * len(groups)
+            lr_fns: list[Optional[Callable]] = [None] * len(groups)
+        else:
+            groups, self.group_names, lr_fns = _custom_groups(param_groups(list(named)), named, config)
         optimizer = None
         if "optimizer" not in self.ds_config:
-            optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+            opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+            optimizer = opt_cls(groups, lr=config.lr, betas=config.betas, eps=config.eps,
+                                weight_decay=config.weight_decay)
         scheduler = None
         if "scheduler" not in self.ds_config:
             fn = functools.partial(lr_factor, steps=config.steps, warmup_steps=config.warmup_steps,
-                                   schedule=config.schedule, min_lr_ratio=config.min_lr_ratio)
+                                   schedule=config.schedule, min_lr_ratio=config.min_lr_ratio,
+                                   milestones=config.milestones, gamma=config.gamma)
+            fns = [fn if g is None else _group_factor(fn, g) for g in lr_fns]
 
             def scheduler(opt):
-                return torch.optim.lr_scheduler.LambdaLR(opt, fn)
+                if len(opt.param_groups) != len(fns):  # a DeepSpeed "optimizer" section made its own groups
+                    return torch.optim.lr_scheduler.LambdaLR(opt, fn)
+                return torch.optim.lr_scheduler.LambdaLR(opt, fns if any(lr_fns) else fn)
 
         import deepspeed
 
+        # DeepSpeed (0.19.8) assumes parameters have a dimension: its initial broadcast views each one as bytes, its
+        # ZeRO-0 clipping and mixed-precision copies reshape them. Say so here instead of failing inside it.
+        scalars = [n for n, p in model.named_parameters() if p.dim() == 0]
+        if scalars:
+            raise ValueError(f"Trainer: 0-dim parameters are not supported by DeepSpeed: {scalars[:5]}; make them "
+                             "buffers (when they are not trained) or 1-element vectors")
         self.engine, self.optimizer, _, self.lr_scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
             lr_scheduler=scheduler, config=copy.deepcopy(self.ds_config))
@@ -774,9 +899,19 @@ class Trainer:
 
     # ----- the loop -----------------------------------------------------------------------------------------------
 
+    def _group_lrs(self) -> dict:
+        """{"lr/<name>": lr} of the named parameter groups (empty without names, or when DeepSpeed's own optimizer
+        section made other groups)."""
+        pgs = self.engine.optimizer.param_groups
+        if len(pgs) != len(self.group_names):
+            return {}
+        return {f"lr/{n}": float(g["lr"]) for n, g in zip(self.group_names, pgs) if n is not None}
+
     def _batches(self):
         epoch, offset = self._epoch, self._offset
         while True:
+            if callable(getattr(self.dataset, "set_epoch", None)):
+                self.dataset.set_epoch(epoch)  # before the DataLoader (its workers copy the dataset)
             flat = [mb for st in self.sampler.plan(epoch)[offset:] for mb in st]
             # A dedicated generator: DataLoader draws its worker base seed from it, not from the global RNG, so the
             # global RNG stream does not depend on where an epoch's iterator was created (resume mid-epoch).
@@ -875,6 +1010,7 @@ class Trainer:
             while self.step < cfg.steps:
                 t0 = time.perf_counter()
                 lr = float(self.engine.optimizer.param_groups[0]["lr"])
+                group_lrs = self._group_lrs()
                 for _ in range(cfg.grad_accum):
                     batch = self._to_device(next(batches))
                     out = self.loss_fn(self.engine, batch, self.step)
@@ -884,7 +1020,7 @@ class Trainer:
                     loss, metrics = out
                     if loss.numel() != 1:
                         raise ValueError(f"Trainer: loss_fn's loss must be a scalar, got shape {tuple(loss.shape)}")
-                    clash = set(metrics) & set(_RESERVED)
+                    clash = (set(metrics) & set(_RESERVED)) | {k for k in metrics if str(k).startswith("lr/")}
                     if clash:
                         raise ValueError(f"Trainer: loss_fn metric names {sorted(clash)} are reserved")
                     self.engine.backward(loss)
@@ -907,7 +1043,7 @@ class Trainer:
                     rec = {"step": self.step, **self._reduce_window()}
                     rec.update(lr=lr, grad_norm=None if gn is None else float(gn),
                                samples=self.step * self.global_batch, time=self._elapsed,
-                               step_time=self._window_time / max(1, self._window_steps))
+                               step_time=self._window_time / max(1, self._window_steps), **group_lrs)
                     order = ["step", "loss", "lr", "grad_norm", "samples", "time", "step_time"]
                     rec = {**{k: rec[k] for k in order}, **{k: v for k, v in rec.items() if k not in order}}
                     self._acc, self._window_time, self._window_steps = {}, 0.0, 0
