@@ -15,7 +15,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import warnings
 
 import pytest
@@ -28,8 +27,8 @@ from torch import nn
 from models.cris import CRIS, CRISConfig
 from models.cris.convert import load_official
 from train import cris, launch
-from tests.train.test_trainer import _killed, _ok
-from train.trainer import FAULT_ENV, TrainConfig, Trainer, lr_factor
+from tests.train.test_trainer import _killed, _ok, torchrun
+from train.trainer import TrainConfig, Trainer, lr_factor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "train", "configs", "cris_tiny.yaml")
@@ -393,15 +392,7 @@ def test_allreduce_batchnorm_is_one_batchnorm_over_all_ranks(tmp_path):
 
 
 def _launch(config: str, out, fault=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    env.pop(FAULT_ENV, None)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    if fault:
-        env[FAULT_ENV] = fault
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "train.cris", "--config", config, "--out-dir", str(out)]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return torchrun("train.cris", "--config", config, "--out-dir", str(out), fault=fault, timeout=300)
 
 
 def test_two_process_smoke_kill_and_resume(tmp_path):

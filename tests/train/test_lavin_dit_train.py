@@ -10,7 +10,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,11 +21,11 @@ from models.lavin_dit.config import JDiTConfig, STVAEConfig
 from models.lavin_dit.jdit import JDiT, patchify
 from models.lavin_dit.stvae import STVAE
 from models.lavin_dit.vae_loss import VAEStageSchedule, vae_generator_loss
-from tests.train.test_trainer import ROOT, _killed, _ok
+from tests.train.test_trainer import ROOT, _killed, _ok, torchrun
 from train import launch, lavin_dit
 from train.data.lavin_tasks import VIDEO_TASKS, InContextDataset, collate
 from train.data.shapes import ShapesWorld
-from train.trainer import FAULT_ENV, Trainer
+from train.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is deprecated.*:FutureWarning",  # DeepSpeed's own c10d calls
                                         "ignore:VAELoss. no LPIPS weights:UserWarning")
@@ -349,15 +348,7 @@ def test_dit_stage_config_errors(tmp_path):
 
 
 def _launch(config: str, out, fault=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    env.pop(FAULT_ENV, None)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    if fault:
-        env[FAULT_ENV] = fault
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "train.lavin_dit", "--config", config, "--out-dir", str(out)]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return torchrun("train.lavin_dit", "--config", config, "--out-dir", str(out), fault=fault, timeout=600)
 
 
 def test_two_process_kill_and_resume_is_exact(tmp_path):

@@ -192,16 +192,22 @@ def test_resume_refuses_a_different_batch_layout(tmp_path):
 # Two processes under torchrun
 
 
-def _torchrun(out, config: dict, result: str, fault: str | None = None) -> subprocess.CompletedProcess:
+def torchrun(*module_args: str, fault: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 -m <module_args>`` from the repo root, with the fault injection
+    ``fault`` (train.trainer FAULT_ENV) or none; every entry point's two-process tests launch through this."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     env.pop(FAULT_ENV, None)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)  # this process's own one-process group must not leak into the launch
     if fault:
         env[FAULT_ENV] = fault
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "tests.train.trainer_driver", "--out", str(out), "--config", json.dumps(config), "--result", result]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", *module_args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _torchrun(out, config: dict, result: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    return torchrun("tests.train.trainer_driver", "--out", str(out), "--config", json.dumps(config), "--result",
+                    result, fault=fault)
 
 
 def _ok(proc):
