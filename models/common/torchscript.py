@@ -6,8 +6,9 @@ module tree as objects of ``__torch__.*`` classes whose state is a dict of attri
 submodules, plain values), and tensors reference raw storages in ``<name>/data/<key>``. This reader unpickles
 ``data.pkl`` with an unpickler that resolves four kinds of globals and nothing else: any ``__torch__.*`` class (to
 one attribute-holding placeholder), ``torch._utils._rebuild_tensor_v2``, the ``torch.*Storage`` types and
-``collections.OrderedDict``; any other global, e.g. ``os.system``, raises ``pickle.UnpicklingError``, rebuilds tensors from the raw little-endian storages, and flattens the tree into a
-state dict keyed by attribute path (``visual.layer1.0.conv1.weight``).
+``collections.OrderedDict`` (any other global, e.g. ``os.system``, raises ``pickle.UnpicklingError``). It rebuilds
+tensors from the raw little-endian storages and flattens the tree into a state dict keyed by attribute path
+(``visual.layer1.0.conv1.weight``).
 
 Tensor attributes that are not parameters or buffers in eager PyTorch (e.g. OpenAI CLIP's per-block ``attn_mask``)
 come out too; callers drop what their model does not have.
