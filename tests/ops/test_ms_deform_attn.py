@@ -13,7 +13,7 @@ import mmkernels
 from mmkernels import BackendError, use_backend
 from mmkernels.nn import MSDeformAttn
 from mmkernels.ops.ms_deform_attn import plan, reference
-from mmkernels.testing import assert_close, randn, triton_interpreted
+from mmkernels.testing import assert_close, randn, rel_err, triton_interpreted
 from tests.ops.common import backend_dtype_params, backend_params, check_compiled
 
 BACKEND_DTYPES = backend_dtype_params()
@@ -319,6 +319,47 @@ def test_module_matches_official(backend, device, ref_dim):
     assert_close(ours, expected, dtype=torch.float32, what="module output")
     for n, p in m.named_parameters():
         assert_close(grads[n], p.grad, dtype=torch.float32, what=f"grad {n}")
+
+
+def test_module_fp32_sampling_under_bf16_autocast():
+    """fp32_sampling keeps the offset and attention linears in fp32 under autocast (their grads still reach the
+    parameters): the locations then equal the fp32 ones exactly, and the output error is that of bf16 values only."""
+    torch.manual_seed(2)
+    shapes = [(8, 8), (4, 4)]
+    ss, lsi, S = _tables(shapes, "cpu")
+    m = MSDeformAttn(16, 2, 2, 2)
+    with torch.no_grad():
+        m.sampling_offsets.weight.normal_(0, 2.0)  # offsets of several pixels: bf16 rounding moves them visibly
+        m.attention_weights.weight.normal_(0, 0.3)
+    q, src, ref = torch.randn(1, 9, 16), torch.randn(1, S, 16), torch.rand(1, 9, 2, 2)
+    want = _official_module_forward(m, q, ref, src, ss, lsi, None)
+    seen = {}
+    real = mmkernels.ms_deform_attn
+
+    def spy(value, shapes_, lsi_, loc, attn, **kw):
+        seen["loc"], seen["attn"] = loc, attn
+        return real(value, shapes_, lsi_, loc, attn, **kw)
+
+    errs = {}
+    for flag in (True, False):
+        m.fp32_sampling = flag
+        import mmkernels.nn.ms_deform_attn as mod
+        mod.ms_deform_attn, saved = spy, mod.ms_deform_attn
+        try:
+            with use_backend("torch"), torch.autocast("cpu", dtype=torch.bfloat16):
+                out = m(q, ref, src, ss, lsi)
+            out.float().sum().backward()
+        finally:
+            mod.ms_deform_attn = saved
+        assert m.sampling_offsets.weight.grad is not None and m.attention_weights.weight.grad is not None
+        m.zero_grad()
+        errs[flag] = rel_err(out.float(), want)
+        if flag:
+            assert seen["loc"].dtype == torch.float32 and seen["attn"].dtype == torch.float32
+            off = (m.sampling_offsets(q).view(1, 9, 2, 2, 2, 2) / torch.tensor([[8.0, 8.0], [4.0, 4.0]])[None, None,
+                                                                                                 None, :, None, :])
+            assert torch.allclose(seen["loc"], ref[:, :, None, :, None, :] + off, atol=1e-6)
+    assert errs[True] < 2e-2 and errs[True] < errs[False], errs
 
 
 # ----------------------------------------------------------------------------------------------------------------
