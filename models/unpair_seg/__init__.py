@@ -7,7 +7,8 @@ Stage 1, the promptable mask generator (official checkpoint ``stage1.pth``):
 * ``pixel_decoder``: the MSDeformAttn pixel decoder on ``mmkernels.nn.MSDeformAttn``.
 * ``prompt_encoder``, ``mask_decoder``: point and box prompts, masked cross-attention, 10 prediction heads.
 * ``model``: :class:`UnpairSegS1` (the official meta-architecture, pre- and post-processing), ``convert`` (strict
-  official checkpoint loading), ``preprocess``, ``infer`` (CLI).
+  official checkpoint loading), ``preprocess``, ``infer`` (CLI), ``official_style`` (the official-style oracle and
+  benchmark baseline: grid_sample deformable attention, upsample-then-filter, dense NMS, interpolate + einsum pooling).
 
 Stage 2, mask-entity alignment, and open-vocabulary inference: ``entities``, ``region``, ``adapter``, ``alignment``,
 ``stage2``, ``templates``, ``classify``, ``panoptic``, ``metrics``, ``eval``.
