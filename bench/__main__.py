@@ -24,7 +24,7 @@ from bench import common
 
 OPS = ("rms_norm", "rope3d", "joint_attention", "adarn", "group_norm_silu", "causal_conv3d", "stvae", "ms_deform_attn",
        "mask_pool", "mask_nms")
-MODELS = ("lavin_dit_sampling", "lavin_dit_train", "cris")  # bench/models/: end to end
+MODELS = ("lavin_dit_sampling", "lavin_dit_train", "cris", "unpair_seg")  # bench/models/: end to end
 
 
 def _names(p, flag: str, value, known) -> list[str]:

@@ -298,3 +298,21 @@ def test_cpu_quick_cris(tmp_path):
             assert r["rel_err"] < 1e-3 and r["extra"]["speedup_vs_official"] > 0, r
     train = [r for r in records if r["pass"].startswith("train step")]
     assert len(train) == 2 and all(r["ms"] > 0 for r in train)
+
+
+def test_cpu_quick_unpair_seg(tmp_path):
+    """The Unpair-Seg end-to-end bench on the CPU (tiny preset): stage-1 grid inference equal to the official-style
+    path (same proposals), and the stage-2 region embeddings equal to interpolate + einsum pooling."""
+    records = _models_json(tmp_path, "unpair_seg")
+    stage1 = [r for r in records if "stage-1" in r["case"]]
+    assert {r["impl"] for r in stage1} == {"mmkernels (fp32)", "official-style"}
+    for r in stage1:
+        assert math.isfinite(r["ms"]) and r["ms"] > 0 and "DIFFERS" not in r["note"], r
+        assert r["extra"]["prompts"] == 64
+    ours = next(r for r in stage1 if r["impl"] == "mmkernels (fp32)")
+    assert ours["extra"]["proposals"] == ours["extra"]["proposals_official"] >= 1
+    assert ours["extra"]["proposal_iou_vs_official"] == 1.0
+    region = [r for r in records if "stage-2" in r["case"]]
+    assert len(region) == 2
+    r = next(r for r in region if r["impl"].startswith("mmkernels"))
+    assert r["extra"]["min_cosine_vs_official"] > 0.9999 and "DIFFERS" not in r["note"], r
