@@ -127,14 +127,15 @@ def prepare(img: np.ndarray, size: int) -> dict:
 
 
 def canvas_scale(height: int, width: int, size: int = 1024) -> float:
-    """The official ratio r = (size - 1) / max(W - 1, H - 1) from original pixels to canvas pixels, computed in fp32
-    as the official code does (``1023.0 / sizes.amax()`` on an int64 tensor gives a float32). Needs max(H, W) >= 2."""
+    """The official ratio r = (size - 1) / max(W - 1, H - 1) from original pixels to canvas pixels, rounded as the
+    official code computes it: ``1023.0 / sizes.amax()`` on an int64 tensor is ``Tensor.__rdiv__``, i.e.
+    ``reciprocal() * 1023.0``, two float32 roundings (a direct fp32 division differs by one ulp for ~1 in 4 sizes).
+    Needs max(H, W) >= 2."""
     h, w, s = _positive_int("height", height), _positive_int("width", width), _positive_int("size", size)
     if max(h, w) < 2:
         raise ValueError(f"canvas_scale: a {h}x{w} image has no extent (max(H, W) must be >= 2: the official ratio "
                          f"(size - 1) / max(W - 1, H - 1) divides by zero)")
-    return float(torch.tensor(float(s - 1), dtype=torch.float32) / torch.tensor(float(max(w, h) - 1),
-                                                                              dtype=torch.float32))
+    return float(torch.tensor(max(w, h) - 1, dtype=torch.int64).reciprocal() * float(s - 1))
 
 
 def _scaled_sizes(height: int, width: int, size: int) -> torch.Tensor:

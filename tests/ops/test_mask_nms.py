@@ -155,6 +155,22 @@ def test_thresholds_compare_with_ge_in_fp32(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_autocast_does_not_round_intersections(backend, device):
+    """Two 1501-pixel masks sharing 1001 pixels: IoU 1001 / 2001 = 0.50025 >= 0.5 removes the second. Under bf16
+    autocast a bf16 matmul would round the counts (1001 -> 1000: IoU 0.4995) and keep both; every backend counts
+    exactly whatever the autocast state."""
+    masks = torch.full((2, 40, 80), -4.0)
+    flat = masks.view(2, -1)
+    flat[0, :1501] = 4.0
+    flat[1, 500:2001] = 4.0
+    masks, scores = masks.to(device), torch.tensor([0.9, 0.8], device=device)
+    assert _official(masks, scores, iou=0.5, cov=1.0, downsample=1).tolist() == [0]
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        got = _ours(backend, masks, scores, iou=0.5, cov=1.0, downsample=1)
+    _assert_same(got, torch.tensor([0]), masks)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_strided_inputs(backend, device):
     """Masks as a transposed view and as a strided slice (d = 1 reads them by strides, d = 2 through
     interpolate), scores as a strided slice."""

@@ -65,7 +65,10 @@ def _mask_nms(masks: torch.Tensor, scores: torch.Tensor, iou_threshold: float, c
     impl = _OP.resolve(backend, masks, scores, iou_threshold, coverage_threshold, combine, downsample)
     if masks.shape[0] == 0:  # no kernel for an empty set, on any backend
         return torch.empty(0, dtype=torch.int64, device=masks.device)
-    return impl.mask_nms(masks, scores, iou_threshold, coverage_threshold, combine, downsample)
+    # Intersections are exact counts on every backend: under autocast the torch path's matmul would otherwise run in
+    # bf16 and round them (e.g. 49286 -> 49408), flipping decisions near a threshold that the kernels get right.
+    with torch.autocast(masks.device.type, enabled=False):
+        return impl.mask_nms(masks, scores, iou_threshold, coverage_threshold, combine, downsample)
 
 
 @_mask_nms.register_fake

@@ -154,6 +154,24 @@ def test_point_grid_uneven_and_portrait():
     np.testing.assert_allclose(grid.numpy(), expected, rtol=2e-6)
 
 
+def test_canvas_scale_is_bitwise_the_official_expression():
+    """The official ratio is ``(input_size - 1.0) / sizes.amax(dim=-1)`` on an int64 tensor of (W - 1, H - 1):
+    float32 through Tensor.__rdiv__ (reciprocal, then a product). Ours equals it bit for bit, so the grid does too."""
+    rng = np.random.default_rng(3)
+    for h, w in rng.integers(2, 4000, size=(2000, 2)).tolist() + [[302, 68], [480, 640], [1024, 1024]]:
+        sizes = torch.tensor([[w - 1, h - 1]], dtype=torch.int64)
+        official = float(((1024 - 1.0) / sizes.amax(dim=-1))[0])
+        assert pp.canvas_scale(h, w, 1024) == official, (h, w)
+    h, w = 302, 68
+    sizes = torch.tensor([w - 1, h - 1], dtype=torch.int64)
+    scaled = sizes * ((1024 - 1.0) / sizes.amax(dim=-1))
+    grid = pp.point_grid(3, 3, h, w, 1024)
+    off = 1.0 / 6
+    axis = torch.linspace(off, 1 - off, 3)
+    want = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2) * scaled
+    assert torch.equal(grid, want)
+
+
 def test_canvas_mapping_round_trip():
     h, w = 480, 640
     r = 1023 / 639
