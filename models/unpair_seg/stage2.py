@@ -255,6 +255,8 @@ class UnpairSegS2(nn.Module):
             m, sc = r["proposal"][: self.s2cfg.max_proposals], r["scores"][: self.s2cfg.max_proposals]
             if m.shape[0] and side != S:
                 m = F.interpolate(m[None].float(), size=(side, side), mode="bilinear", align_corners=False)[0]
+            elif not m.shape[0]:  # no proposal: interpolate refuses empty inputs, keep the [0, side, side] shape
+                m = m.new_zeros((0, side, side))
             masks.append(m.float())
             scores.append(sc.float())
         q = max(m.shape[0] for m in masks)

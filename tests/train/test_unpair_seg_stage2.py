@@ -153,6 +153,11 @@ def test_proposals_are_the_stage1_grid_inference():
         assert bool((prop["masks"][i, k:] == -1e4).all())
     with pytest.raises(ValueError, match="canvases"):
         model.proposals(images[:, :, :64])
+    # an image without any proposal (threshold 1: nothing passes) gives an all-invalid row, not a crash
+    none = UnpairSegS2(UnpairSegConfig.tiny(score_threshold=1.0), Stage2Config.tiny(128, threshold=0.0,
+                                                                                     scales=(96, 128)))
+    empty = none.proposals(images, sizes)
+    assert empty["masks"].shape[:2] == empty["valid"].shape and not bool(empty["valid"].any())
 
 
 def test_adapter_checkpoint_round_trip_and_weights(tmp_path):
