@@ -294,26 +294,10 @@ def optim_section(cfg: dict) -> dict:
     return o
 
 
-def micro_batch(train: dict, world_size: int) -> int:
-    """``train.micro_batch``, or ``global_batch / (world_size * grad_accum)`` (must divide evenly)."""
-    ga = int(train.get("grad_accum", 1))
-    if "global_batch" not in train:
-        return int(train.get("micro_batch", 1))
-    gb = train["global_batch"]
-    if isinstance(gb, bool) or not isinstance(gb, int) or gb < 1 or gb % (world_size * ga):
-        raise ValueError(f"train.global_batch={gb!r} must be a positive multiple of world_size x grad_accum = "
-                         f"{world_size} x {ga} (the official batch is split evenly over the GPUs)")
-    mb = gb // (world_size * ga)
-    if "micro_batch" in train and train["micro_batch"] != mb:
-        raise ValueError(f"train.micro_batch={train['micro_batch']} contradicts global_batch={gb} over "
-                         f"{world_size} process(es) x grad_accum {ga} (= {mb}); set one of them")
-    return mb
-
-
 def recipe(cfg: dict, out_dir: str, dataset_len: int, world_size: int):
     """(TrainConfig, steps_per_epoch, optim section) of the official recipe for a train set of ``dataset_len``
     items on ``world_size`` processes (module docstring)."""
-    from train.trainer import TrainConfig
+    from train.trainer import TrainConfig, micro_batch
 
     o = optim_section(cfg)
     t = dict(cfg.get("train") or {})

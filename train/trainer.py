@@ -306,6 +306,23 @@ class TrainConfig:
         return d
 
 
+def micro_batch(train: dict, world_size: int) -> int:
+    """A config section's per-process micro batch: ``train["micro_batch"]``, or ``global_batch / (world_size *
+    grad_accum)`` when ``train["global_batch"]`` is given (it must divide evenly; both given must agree)."""
+    ga = int(train.get("grad_accum", 1))
+    if "global_batch" not in train:
+        return int(train.get("micro_batch", 1))
+    gb = train["global_batch"]
+    if isinstance(gb, bool) or not isinstance(gb, int) or gb < 1 or gb % (world_size * ga):
+        raise ValueError(f"train.global_batch={gb!r} must be a positive multiple of world_size x grad_accum = "
+                         f"{world_size} x {ga} (the batch is split evenly over the processes)")
+    mb = gb // (world_size * ga)
+    if "micro_batch" in train and int(train["micro_batch"]) != mb:
+        raise ValueError(f"train.micro_batch={train['micro_batch']} contradicts global_batch={gb} over "
+                         f"{world_size} process(es) x grad_accum {ga} (= {mb}); set one of them")
+    return mb
+
+
 def lr_factor(step: int, *, steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float,
               milestones: tuple = (), gamma: float = 0.1) -> float:
     """The LR multiplier of optimizer step ``step`` (0-based); the formula is in the module docstring."""

@@ -70,26 +70,10 @@ def model_config(cfg: dict):
     raise ValueError(f"model.preset must be 'official' or 'tiny', got {preset!r}")
 
 
-def micro_batch(train: dict, world_size: int) -> int:
-    """``train.micro_batch``, or ``global_batch / (world_size * grad_accum)`` (must divide evenly)."""
-    ga = int(train.get("grad_accum", 1))
-    if "global_batch" not in train:
-        return int(train.get("micro_batch", 1))
-    gb = train["global_batch"]
-    if isinstance(gb, bool) or not isinstance(gb, int) or gb < 1 or gb % (world_size * ga):
-        raise ValueError(f"train.global_batch={gb!r} must be a positive multiple of world_size x grad_accum = "
-                         f"{world_size} x {ga} (the batch is split evenly over the processes)")
-    mb = gb // (world_size * ga)
-    if "micro_batch" in train and int(train["micro_batch"]) != mb:
-        raise ValueError(f"train.micro_batch={train['micro_batch']} contradicts global_batch={gb} over "
-                         f"{world_size} process(es) x grad_accum {ga} (= {mb}); set one of them")
-    return mb
-
-
 def train_config(cfg: dict, out_dir: str, world_size: int, defaults: Optional[dict] = None):
     """The TrainConfig of ``cfg['train']`` over ``defaults`` (a given ``micro_batch`` replaces a default
     ``global_batch``)."""
-    from train.trainer import TrainConfig
+    from train.trainer import TrainConfig, micro_batch
 
     t = dict(defaults or {})
     given = dict(cfg.get("train") or {})

@@ -13,32 +13,18 @@ import torch.nn.functional as F
 
 from models.unpair_seg.backbone import CLIPBackbone
 from models.unpair_seg.config import UnpairSegConfig
+from tests.models.unpair_seg.common import randomize_
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def _randomize(module: torch.nn.Module, seed: int = 1) -> None:
-    """Random weights of a realistic scale: the ConvNeXt layer scales (gamma, 1e-6 at init) and the zero biases
-    would otherwise hide most of the trunk from the comparison."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("gamma"):
-                p.copy_(0.5 + 0.5 * noise.abs())
-            elif p.dim() <= 1:
-                p.add_(0.1 * noise)
-            else:
-                p.add_(0.02 * noise)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
     bb = CLIPBackbone(UnpairSegConfig.tiny())
-    _randomize(bb.clip_model)
+    randomize_(bb.clip_model)
     return bb
 
 

@@ -19,30 +19,17 @@ from models.unpair_seg.preprocess import point_grid
 from models.unpair_seg.templates import SIMPLE, expand
 from train.data.seg_eval import write_shapes_panoptic, write_shapes_semantic
 from train.data.shapes import CATEGORIES, ShapesWorld
+from tests.models.unpair_seg.common import randomize_
 
 WORLD = ShapesWorld(seed=11, size=(48, 64), min_objects=2, max_objects=3)
 CLASSES = list(CATEGORIES) + ["background"]
-
-
-def _randomize(module, seed=1):
-    """Realistic random weights (ConvNeXt layer scales start at 1e-6, which would make every region alike)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("gamma"):
-                p.copy_(0.5 + 0.5 * noise.abs())
-            elif p.dim() <= 1:
-                p.add_(0.1 * noise)
-            else:
-                p.add_(0.05 * noise)
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
     m = UnpairSegS1(dataclasses.replace(UnpairSegConfig.tiny(), score_threshold=0.0))
-    _randomize(m)
+    randomize_(m, weight_scale=0.05)
     return m.eval()
 
 
