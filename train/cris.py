@@ -81,13 +81,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from models.cris.config import CRISConfig
 from models.cris.metrics import PR_KEYS, train_metric
 from models.cris.model import CRIS
 from train.data.refer import collate
+from train.overrides import read_config
 
 PRESETS = {"cris_r50": CRISConfig.cris_r50, "cris_r101": CRISConfig.cris_r101, "tiny": CRISConfig.tiny}
 SECTIONS = ("out_dir", "model", "backbone", "data", "optim", "train", "eval")
@@ -106,21 +106,7 @@ BEST, LAST, BEST_JSON = "best_model.pth", "last_model.pth", "best.json"
 
 def load_config(path: str, overrides=()) -> dict:
     """The YAML at ``path`` with ``overrides`` (``"section.key=value"`` strings, values parsed as YAML) applied."""
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: a CRIS config must be a mapping of sections, got {type(cfg).__name__}")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set: expected section.key=value, got {item!r}")
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {item!r}: {p!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
+    cfg = read_config(path, "a CRIS", overrides)
     unknown = sorted(set(cfg) - set(SECTIONS))
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {unknown}; known: {list(SECTIONS)}")

@@ -4,11 +4,14 @@
 2. ``python -m bench --quick`` on the available device (kernels against their baselines, and the model benchmarks);
 3. each model trained at tiny size on ShapesWorld with DeepSpeed (on the CPU: a few minutes each), evaluated on
    held-out queries against its untrained self: LaVin-DiT (train/lavin_dit_demo.py), then CRIS
-   (train/cris_demo.py: referring segmentation, which must also reach its own bar, held-out mIoU >= 0.5).
+   (train/cris_demo.py: referring segmentation, which must also reach its own bar, held-out mIoU >= 0.5), then
+   Unpair-Seg (train/unpair_seg_demo.py: a tiny CLIP pretrained here, stage 1 and stage 2 with held-out category
+   words; class-agnostic mask AR, open-vocabulary mIoU and PQ on held-out scenes).
 
 Everything lands in ``--out`` (default ``demo_out/``): ``report.md`` with all of it (backend table, benchmark table,
 metrics, loss curves, prediction images), plus each part's own files. Exit status 0 when every part ran, every
-trained model beats its untrained version on every task, and CRIS reaches its mIoU bar.
+trained model beats its untrained version on every task (Unpair-Seg: on AR@10, AR@100, mIoU and PQ), and CRIS
+reaches its mIoU bar.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=16, help="held-out evaluation queries per task")
     ap.add_argument("--cris-epochs", type=int, default=None, help="override the tiny CRIS config's epochs")
     ap.add_argument("--skip-cris", action="store_true", help="leave out the CRIS part")
+    ap.add_argument("--skip-unpair-seg", action="store_true", help="leave out the Unpair-Seg part")
     args = ap.parse_args(argv)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -83,6 +87,15 @@ def main(argv=None) -> int:
         if not cris_ok:
             failures.append(f"CRIS: the trained model's held-out mIoU is below {cris_demo.BAR}")
 
+    unpair_md = "## Unpair-Seg (tiny)\n\n(skipped: --skip-unpair-seg)\n"
+    if not args.skip_unpair_seg:
+        from train import unpair_seg_demo
+
+        unpair_md, unpair_ok = unpair_seg_demo.run(out)
+        if not unpair_ok:
+            failures.append("Unpair-Seg: the trained model does not beat the untrained one on AR@10, AR@100, mIoU "
+                            "and PQ")
+
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'}, " \
                                                                              f"{os.cpu_count()} cores)"
     lines = ["# mmkernels demo", "",
@@ -90,7 +103,7 @@ def main(argv=None) -> int:
              "## Backends (`python -m mmkernels`)", "", "```", backends.strip(), "```", "",
              "## Benchmarks (`python -m bench --quick`)", "",
              "On a CPU these time only the torch paths at small sizes: kernel and model timings that mean something "
-             "need a GPU (bench/results/).", "", bench_md.strip(), "", lavin_md, cris_md, "## Result", ""]
+             "need a GPU (bench/results/).", "", bench_md.strip(), "", lavin_md, cris_md, unpair_md, "## Result", ""]
     lines += ["Every part ran, every trained model beat its untrained version"
               + ("" if args.skip_cris else " and CRIS reached its mIoU bar") + "."] if not failures else \
         [f"- FAILED: {f}" for f in failures]

@@ -84,7 +84,8 @@ def test_demo_writes_the_report(tmp_path, monkeypatch):
     real_run = lavin_dit_demo.run
     monkeypatch.setattr(lavin_dit_demo, "run", lambda out, **kw: real_run(out, cfg, **kw, sample_steps=3))
     # The CRIS part has its own end-to-end test (tests/train/test_cris_train.py); skipped here to keep this short.
-    rc = demo.main(["--out", str(tmp_path / "demo"), "--skip-bench", "--queries", "1", "--skip-cris"])
+    rc = demo.main(["--out", str(tmp_path / "demo"), "--skip-bench", "--queries", "1", "--skip-cris",
+                    "--skip-unpair-seg"])
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "## Backends" in report and "joint_attention" in report and "## LaVin-DiT (tiny)" in report
     verdict = json.loads((tmp_path / "demo" / "lavin_dit" / "metrics.json").read_text())["all_tasks_better"]

@@ -15,36 +15,17 @@ import dataclasses
 from typing import Iterable, Optional
 
 import torch
-import yaml
 from torch import nn
+
+from train.overrides import apply_overrides, read_config  # noqa: F401  (apply_overrides: part of this module's API)
 
 SHAPES_KEYS = ("seed", "size", "min_objects", "max_objects", "categories", "colours", "sizes", "supersample",
                "min_visible")
 
 
-def apply_overrides(cfg: dict, overrides: Iterable[str] = ()) -> dict:
-    """``cfg`` with ``"section.key=value"`` overrides applied in place (values parsed as YAML)."""
-    for item in overrides:
-        key, sep, value = str(item).partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set: expected section.key=value, got {item!r}")
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {item!r}: {p!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
-    return cfg
-
-
 def load_config(path: str, overrides: Iterable[str] = (), sections: Optional[Iterable[str]] = None) -> dict:
     """The YAML mapping at ``path`` with ``overrides`` applied; with ``sections``, unknown top-level keys raise."""
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: an Unpair-Seg config must be a mapping of sections, got {type(cfg).__name__}")
-    apply_overrides(cfg, overrides)
+    cfg = read_config(path, "an Unpair-Seg", overrides)
     if sections is not None:
         unknown = sorted(set(cfg) - set(sections))
         if unknown:
