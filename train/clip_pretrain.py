@@ -589,14 +589,21 @@ def region_predictions(model: open_clip.CLIP, images: torch.Tensor, masks: torch
     """Zero-shot class of every masked region: ``images`` normalised [N, 3, H, W], ``masks`` [N, Q, Hm, Wm] (bool,
     canvas-aligned), ``classifier`` [K, E] unit class embeddings -> (argmax class [N, Q] int64, empty [N, Q] bool:
     the mask covers no res5 cell, so its region embedding is that of a zero vector)."""
+    emb, empty = region_embeddings(model, images, masks)
+    return (emb @ classifier.float().T).argmax(-1), empty
+
+
+@torch.no_grad()
+def region_embeddings(model: open_clip.CLIP, images: torch.Tensor,
+                      masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unit region embeddings [N, Q, E] (fp32) behind :func:`region_predictions`, and its ``empty`` [N, Q]."""
     feats = dense_features(model, images)
     pooled = mask_pool_binary(feats, masks)
     emb = F.normalize(visual_projection(model, pooled.to(feats.dtype)).float(), dim=-1)
     m = masks.to(torch.float32)
     if tuple(m.shape[-2:]) != tuple(feats.shape[-2:]):
         m = F.interpolate(m, size=feats.shape[-2:], mode="bilinear", align_corners=False)
-    empty = (m >= 0.5).sum((-1, -2)) == 0
-    return (emb @ classifier.float().T).argmax(-1), empty
+    return emb, (m >= 0.5).sum((-1, -2)) == 0
 
 
 def _per_class(pred: torch.Tensor, labels: torch.Tensor, names: Sequence[str]) -> dict:
@@ -687,9 +694,8 @@ def evaluate(model: open_clip.CLIP, cfg: dict, device: Optional[torch.device] = 
                 for j, sp in enumerate(sc.specs):
                     cat[n, j], col[n, j] = cats.index(sp.category), colours.index(sp.colour)
             masks = masks.to(device)
-            cp, empty = region_predictions(model, x, masks, cat_cls)
-            jp, _ = region_predictions(model, x, masks, joint_cls)
-            vp, _ = region_predictions(model, x, masks, colour_cls)
+            emb, empty = region_embeddings(model, x, masks)  # one trunk pass, scored against each vocabulary
+            cp, jp, vp = ((emb @ cls.float().T).argmax(-1) for cls in (cat_cls, joint_cls, colour_cls))
             acc["colour_pred"].append(vp.cpu()[cat >= 0])
             valid = cat >= 0
             acc["cat_pred"].append(cp.cpu()[valid])

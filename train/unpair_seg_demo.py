@@ -191,17 +191,10 @@ def vocabulary(name: str) -> Vocabulary:
 
 
 def _bool_masks(name: str, masks) -> np.ndarray:
-    if isinstance(masks, torch.Tensor):
-        masks = masks.detach().cpu().numpy()
-    if not isinstance(masks, np.ndarray):
-        raise TypeError(f"best_ious: '{name}' must be a numpy array or a tensor, got {type(masks).__name__}")
-    if masks.ndim != 3:
-        raise ValueError(f"best_ious: '{name}' must be masks [N, H, W], got shape {masks.shape}")
-    if masks.dtype == bool:
-        return masks
-    if np.issubdtype(masks.dtype, np.floating):
-        return masks >= 0  # logits: sigmoid >= 0.5
-    return masks != 0
+    """bool [N, H, W] (logits binarised at >= 0, integers at != 0), by models/unpair_seg/metrics.py's rule."""
+    from models.unpair_seg.metrics import _bool_mask
+
+    return _bool_mask(name, "best_ious", masks, 3)
 
 
 def best_ious(pred_masks, scores, gt_masks, k: Optional[int] = None) -> np.ndarray:
