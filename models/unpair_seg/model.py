@@ -16,6 +16,7 @@ Layouts (N images, Q prompts per image, K outputs per prompt: ``num_masks`` for 
                        {"pred_masks": [N, Q, K, H/4, W/4] logits, "pred_ious": [N, Q, K] (one sigmoid),
                         "aux_outputs": [...]}; a point becomes the box (x-2, y-2, x+2, y+2) here (spec §7.2, §12.7)
     forward(images=, prompts=, prompt_type=)   training / raw: decode(*image_features(images), ...)
+    forward(images=, prompts={"point": P, "box": B})   one image_features pass, {type: decoder dict}
     forward(batched_inputs)                    official inference (below) -> one dict per image
     predict(image_uint8_hwc, points=|boxes=|grid=)   one original image, prompts in ORIGINAL pixels
 
@@ -56,7 +57,7 @@ Decisions where the official code is silent or differs (all give the official pr
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -369,13 +370,23 @@ class UnpairSegS1(nn.Module):
 
     def forward(self, batched_inputs: Optional[list] = None, *, images: Optional[torch.Tensor] = None,
                 prompts: Optional[torch.Tensor] = None, prompt_type: str = "point"):
-        """``forward(images=, prompts=, prompt_type=)`` -> the decoder dict (training); ``forward(batched_inputs)``
-        -> one result dict per image (official inference). See the module docstring."""
+        """``forward(images=, prompts=, prompt_type=)`` -> the decoder dict (training); ``prompts`` may instead be a
+        dict {"point": [N, Q, 2], "box": [N, Q', 4]} (``prompt_type`` is then unused) -> {type: decoder dict} on
+        one image-feature pass; ``forward(batched_inputs)`` -> one result dict per image (official inference). See
+        the module docstring."""
         if images is not None:
             if batched_inputs is not None:
                 raise ValueError("give either 'batched_inputs' (inference) or 'images' + 'prompts', not both")
             if prompts is None:
                 raise ValueError("'prompts' are required with 'images' (points [N, Q, 2] or boxes [N, Q, 4])")
+            if isinstance(prompts, Mapping):
+                # Several prompt types on one encoder pass (training points and boxes): the image features, and
+                # the pixel decoder's backward, are shared instead of recomputed per type.
+                if not prompts or any(k not in PROMPT_TYPES for k in prompts):
+                    raise ValueError(f"'prompts' as a dict must map prompt types {PROMPT_TYPES} to tensors, got "
+                                     f"keys {sorted(map(str, prompts))}")
+                mask_features, multi_scale = self.image_features(images)
+                return {kind: self.decode(mask_features, multi_scale, p, kind) for kind, p in prompts.items()}
             _check_prompt_type(prompt_type)
             mask_features, multi_scale = self.image_features(images)
             return self.decode(mask_features, multi_scale, prompts, prompt_type)

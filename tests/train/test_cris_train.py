@@ -434,7 +434,8 @@ def test_two_process_smoke_kill_and_resume(tmp_path):
 def test_cris_demo_report_and_demo_exit_status(tmp_path, monkeypatch):
     """cris_demo.run on a 1-epoch run of the small config: metrics of both models on the held-out split, example
     images and curves, the verdict against the bar; python -m train.demo puts the section in report.md and fails
-    exactly when the bar is missed (LaVin-DiT part and benchmarks left out here)."""
+    exactly when the bar is missed (LaVin-DiT part, Unpair-Seg part and benchmarks left out here: tests/train/
+    test_unpair_seg_demo.py covers the latter)."""
     from train import cris_demo, demo, lavin_dit_demo
 
     cfg = _small_cfg(optim__epochs=1, optim__milestones=[])
@@ -457,7 +458,7 @@ def test_cris_demo_report_and_demo_exit_status(tmp_path, monkeypatch):
     monkeypatch.setattr(lavin_dit_demo, "run", lambda out, **kw: ("## LaVin-DiT (tiny)\n", True))
     real = cris_demo.run
     monkeypatch.setattr(cris_demo, "run", lambda out, epochs=None: real(out, str(path), epochs, examples=1))
-    rc = demo.main(["--out", str(tmp_path / "demo"), "--skip-bench"])
+    rc = demo.main(["--out", str(tmp_path / "demo"), "--skip-bench", "--skip-unpair-seg"])
     report = (tmp_path / "demo" / "report.md").read_text()
     verdict = json.loads((tmp_path / "demo" / "cris" / "metrics.json").read_text())["bar_met"]
     assert "## CRIS (tiny) on ShapesWorld" in report and rc == (0 if verdict else 1)

@@ -13,9 +13,10 @@ point decided and stated:
   same key (DeepSpeed cannot hold 0-dim parameters).
 * Losses (models/unpair_seg/criterion.py): per image the 10 x 10 point prompts (many-to-many matching, 4 outputs)
   and the GT boxes (head 0) of the same batch, each through the engine as
-  ``model(images=..., prompts=..., prompt_type="point" | "box")``; the criterion's weighted losses of all heads are
-  summed (weights ``criterion``: the config's 2 / 1 / 1 by default, ``preset: thesis`` for 2 / 1 / 5). The two calls
-  run the image encoder twice (the interface has one prompt type per call); the backbone part runs without grad.
+  one ``model(images=..., prompts={"point": ..., "box": ...})`` call: the image encoder (backbone without grad, then
+  the pixel decoder) runs once and both prompt sets decode on its features; the criterion's weighted losses of all
+  heads are summed (weights ``criterion``: the config's 2 / 1 / 1 by default, ``preset: thesis`` for 2 / 1 / 5).
+  There is no dropout anywhere, so this equals one encoder pass per prompt type with the gradients added.
 * Optimizer: AdamW, lr 1e-4, betas (0.9, 0.999) (torch's / detectron2's default; the config does not set them),
   weight decay 0.05 except norm layers and ``nn.Embedding`` (train/unpair_seg/common.py ``param_groups``, as
   Mask2Former's optimizer), backbone lr x 0.1 (moot: frozen).
@@ -201,12 +202,14 @@ class Stage1Loss:
         del step
         crit = self.criterion
         tg = self.targets(batch)
-        out = model(images=batch["image"], prompts=prompt_points(batch["points"]), prompt_type="point")
-        losses = crit(out, tg, "point")
+        prompts = {"point": prompt_points(batch["points"])}
+        if self.box:
+            prompts["box"] = prompt_boxes(batch["boxes"])
+        out = model(images=batch["image"], prompts=prompts)
+        losses = crit(out["point"], tg, "point")
         stats = {"pairs": crit.stats["point"]["pairs"], "match_iou": crit.stats["point"]["iou"]}
         if self.box:
-            out = model(images=batch["image"], prompts=prompt_boxes(batch["boxes"]), prompt_type="box")
-            losses.update(crit(out, tg, "box"))
+            losses.update(crit(out["box"], tg, "box"))
             stats.update(box_pairs=crit.stats["box"]["pairs"], box_match_iou=crit.stats["box"]["iou"])
         total = crit.total(losses)
         last = {k: float(v.detach()) for k, v in losses.items() if not k.rsplit("_", 1)[-1].isdigit()}

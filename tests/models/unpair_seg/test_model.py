@@ -162,6 +162,44 @@ def test_forward_points_and_boxes(model):
     model.zero_grad(set_to_none=True)
 
 
+def test_forward_several_prompt_types_shares_the_encoder(model):
+    """prompts={"point": P, "box": B}: each output equals its single-type call, and the gradients of a loss on both
+    equal the sum of the two single-type calls' gradients (the pixel decoder's included)."""
+    g = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 256, (2, 3, S, S), generator=g, dtype=torch.uint8)
+    points = torch.rand(2, 3, 2, generator=g) * S
+    xy = torch.rand(2, 2, 2, generator=g) * 90
+    boxes = torch.cat([xy, xy + 5 + torch.rand(2, 2, 2, generator=g) * 30], -1)
+    w = {k: torch.randn(shape, generator=g) for k, shape in (("point", (2, 3, 4, 32, 32)), ("box", (2, 2, 1, 32, 32)))}
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    both = model(images=images, prompts={"point": points, "box": boxes})
+    assert set(both) == {"point", "box"}
+    got = grads(sum((both[k]["pred_masks"] * w[k]).sum() + both[k]["pred_ious"].sum() for k in both))
+    want = None
+    for kind, p in (("point", points), ("box", boxes)):
+        one = model(images=images, prompts=p, prompt_type=kind)
+        torch.testing.assert_close(both[kind]["pred_masks"], one["pred_masks"], rtol=0, atol=0)
+        torch.testing.assert_close(both[kind]["pred_ious"], one["pred_ious"], rtol=0, atol=0)
+        gk = grads((one["pred_masks"] * w[kind]).sum() + one["pred_ious"].sum())
+        want = gk if want is None else [a + b for a, b in zip(want, gk)]
+    model.zero_grad(set_to_none=True)
+    pixel = [i for i, (n, p) in enumerate(n_p for n_p in model.named_parameters() if n_p[1].requires_grad)
+             if n.startswith("sem_seg_head.pixel_decoder")]
+    assert pixel and any(float(got[i].abs().sum()) > 0 for i in pixel)
+    for a, b in zip(got, want):  # fp32 sums in another order: tolerance relative to the tensor's scale
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(b.abs().max())))
+    with pytest.raises(ValueError, match="prompt types"):
+        model(images=images, prompts={"mask": points})
+    with pytest.raises(ValueError, match="prompt types"):
+        model(images=images, prompts={})
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # official inference
 
