@@ -369,7 +369,7 @@ class UnpairSegS1(nn.Module):
         return results
 
     def forward(self, batched_inputs: Optional[list] = None, *, images: Optional[torch.Tensor] = None,
-                prompts: Optional[torch.Tensor] = None, prompt_type: str = "point"):
+                prompts=None, prompt_type: str = "point"):
         """``forward(images=, prompts=, prompt_type=)`` -> the decoder dict (training); ``prompts`` may instead be a
         dict {"point": [N, Q, 2], "box": [N, Q', 4]} (``prompt_type`` is then unused) -> {type: decoder dict} on
         one image-feature pass; ``forward(batched_inputs)`` -> one result dict per image (official inference). See
@@ -379,17 +379,18 @@ class UnpairSegS1(nn.Module):
                 raise ValueError("give either 'batched_inputs' (inference) or 'images' + 'prompts', not both")
             if prompts is None:
                 raise ValueError("'prompts' are required with 'images' (points [N, Q, 2] or boxes [N, Q, 4])")
-            if isinstance(prompts, Mapping):
-                # Several prompt types on one encoder pass (training points and boxes): the image features, and
-                # the pixel decoder's backward, are shared instead of recomputed per type.
-                if not prompts or any(k not in PROMPT_TYPES for k in prompts):
-                    raise ValueError(f"'prompts' as a dict must map prompt types {PROMPT_TYPES} to tensors, got "
-                                     f"keys {sorted(map(str, prompts))}")
-                mask_features, multi_scale = self.image_features(images)
-                return {kind: self.decode(mask_features, multi_scale, p, kind) for kind, p in prompts.items()}
-            _check_prompt_type(prompt_type)
+            # A dict of prompt types decodes on one encoder pass (training points and boxes): the image features,
+            # and the pixel decoder's backward, are shared instead of recomputed per type.
+            single = not isinstance(prompts, Mapping)
+            if single:
+                _check_prompt_type(prompt_type)
+                prompts = {prompt_type: prompts}
+            elif not prompts or any(k not in PROMPT_TYPES for k in prompts):
+                raise ValueError(f"'prompts' as a dict must map prompt types {PROMPT_TYPES} to tensors, got keys "
+                                 f"{sorted(map(str, prompts))}")
             mask_features, multi_scale = self.image_features(images)
-            return self.decode(mask_features, multi_scale, prompts, prompt_type)
+            out = {kind: self.decode(mask_features, multi_scale, p, kind) for kind, p in prompts.items()}
+            return out[prompt_type] if single else out
         if batched_inputs is None:
             raise ValueError("UnpairSegS1.forward needs 'batched_inputs' (inference) or 'images' + 'prompts'")
         if prompts is not None:

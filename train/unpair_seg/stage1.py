@@ -12,7 +12,7 @@ point decided and stated:
   The backbone stays frozen, as officially (no config trains it); CLIP's 0-dim ``logit_scale`` becomes a buffer of the
   same key (DeepSpeed cannot hold 0-dim parameters).
 * Losses (models/unpair_seg/criterion.py): per image the 10 x 10 point prompts (many-to-many matching, 4 outputs)
-  and the GT boxes (head 0) of the same batch, each through the engine as
+  and the GT boxes (head 0) of the same batch, together through the engine in
   one ``model(images=..., prompts={"point": ..., "box": ...})`` call: the image encoder (backbone without grad, then
   the pixel decoder) runs once and both prompt sets decode on its features; the criterion's weighted losses of all
   heads are summed (weights ``criterion``: the config's 2 / 1 / 1 by default, ``preset: thesis`` for 2 / 1 / 5).
