@@ -100,10 +100,10 @@ name in ``train/configs/``) is merged over it, its keys winning, also over the s
 config goes into ``out_dir/config.json``). Only the batch keys must agree with ``micro_batch`` and ``grad_accum``,
 because the sampler uses them: a disagreement raises. When the merged config has an ``"optimizer"`` or
 ``"scheduler"`` section, DeepSpeed builds that one instead of ours. ``precision="auto"`` is bf16 on CUDA and fp32 on
-CPU. ``grad_clip=0`` disables clipping; ``grad_norm`` in the metrics is the engine's global norm before clipping
-(``null`` where the engine does not compute one, e.g. fp32 ZeRO-0 without clipping). DeepSpeed cannot hold 0-dim
-parameters (its broadcast, clipping and mixed-precision copies fail on them), so a model with one is refused with a
-``ValueError`` naming it: make it a buffer if it is not trained, or a 1-element vector.
+CPU. ``grad_clip=0`` disables clipping; ``grad_norm`` in the metrics is the global gradient norm before clipping:
+the engine's, or, where DeepSpeed computes none (ZeRO-0 in fp32), the trainer's own from ``p.grad`` before the step.
+DeepSpeed cannot hold 0-dim parameters (its broadcast, clipping and mixed-precision copies fail on them), so a model
+with one is refused with a ``ValueError`` naming it: make it a buffer if it is not trained, or a 1-element vector.
 
 EMA
 ---
@@ -916,6 +916,19 @@ class Trainer:
 
     # ----- the loop -----------------------------------------------------------------------------------------------
 
+    def _param_grad_norm(self) -> Optional[float]:
+        """Global L2 norm of the trainable parameters' gradients, read after the accumulation boundary's backward
+        (so after DeepSpeed's all-reduce, identical on every rank) and before the step clips and zeroes them.
+
+        Only for ZeRO-0, whose engine leaves the gradients in ``p.grad`` but, in fp32, computes no norm of its own
+        (``get_global_grad_norm()`` is None there with or without clipping: DeepSpeed clips with torch's
+        ``clip_grad_norm_`` and drops its result). None when no parameter holds a gradient (an engine that keeps
+        them elsewhere reports its own norm instead)."""
+        grads = [p.grad for p in self.engine.module.parameters() if p.requires_grad and p.grad is not None]
+        if not grads:
+            return None
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
     def _group_lrs(self) -> dict:
         """{"lr/<name>": lr} of the named parameter groups (empty without names, or when DeepSpeed's own optimizer
         section made other groups)."""
@@ -1028,7 +1041,9 @@ class Trainer:
                 t0 = time.perf_counter()
                 lr = float(self.engine.optimizer.param_groups[0]["lr"])
                 group_lrs = self._group_lrs()
-                for _ in range(cfg.grad_accum):
+                logged = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == cfg.steps
+                own_norm = None
+                for micro in range(cfg.grad_accum):
                     batch = self._to_device(next(batches))
                     out = self.loss_fn(self.engine, batch, self.step)
                     if not (isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], torch.Tensor)
@@ -1041,6 +1056,8 @@ class Trainer:
                     if clash:
                         raise ValueError(f"Trainer: loss_fn metric names {sorted(clash)} are reserved")
                     self.engine.backward(loss)
+                    if logged and self.zero_stage == 0 and micro == cfg.grad_accum - 1:
+                        own_norm = self._param_grad_norm()
                     self.engine.step()
                     self._accumulate(loss.detach().float().item(), metrics)
                 self.step += 1
@@ -1057,6 +1074,8 @@ class Trainer:
 
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     gn = self.engine.get_global_grad_norm()
+                    if gn is None:
+                        gn = own_norm
                     rec = {"step": self.step, **self._reduce_window()}
                     rec.update(lr=lr, grad_norm=None if gn is None else float(gn),
                                samples=self.step * self.global_batch, time=self._elapsed,

@@ -161,6 +161,50 @@ def test_ema_matches_hand_computation(tmp_path):
         torch.testing.assert_close(e2[n], d * (d * p0[n] + (1 - d) * p1[n]) + (1 - d) * p2[n], rtol=0, atol=1e-6)
 
 
+class _SameSample(torch.utils.data.Dataset):
+    """Every index holds the same (x, y), so step 1's gradient does not depend on the sampler's order or on how the
+    samples split into micro-batches."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(3)
+        self.x, self.y = torch.randn(6, generator=g), torch.randn(3, generator=g)
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return {"x": self.x, "y": self.y}
+
+
+def _mlp() -> torch.nn.Module:
+    torch.manual_seed(5)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def _mse(model, batch, step):
+    return torch.nn.functional.mse_loss(model(batch["x"]), batch["y"]), {}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_logged_grad_norm_is_the_pre_clip_norm(tmp_path, stage, clip):
+    """grad_norm is the global norm of step 1's (accumulated) gradient before clipping, for every ZeRO stage, with
+    and without clipping (ZeRO-0 in fp32, where DeepSpeed computes no norm, used to log null). The clip of 1e-3 is
+    far below the norm, so a norm read after clipping would show."""
+    data, model = _SameSample(), _mlp()
+    ref = _mlp()
+    torch.nn.functional.mse_loss(ref(data.x[None]), data.y[None]).backward()
+    want = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ref.parameters()])).item()
+    assert want > 100 * 1e-3
+    cfg = TrainConfig(out_dir=str(tmp_path), steps=2, micro_batch=2, grad_accum=2, lr=1e-2, log_every=1,
+                      save_every=100, progress=False, ema_decay=None, zero_stage=stage, grad_clip=clip)
+    recs = [r for r in Trainer(model, _mse, data, cfg).train() if "loss" in r]
+    assert [r["step"] for r in recs] == [1, 2]
+    assert all(r["grad_norm"] is not None and math.isfinite(r["grad_norm"]) for r in recs)
+    assert recs[0]["grad_norm"] == pytest.approx(want, rel=1e-5)
+    assert recs[1]["grad_norm"] != pytest.approx(want, rel=1e-5)  # step 2 reads the updated weights' gradient
+
+
 @pytest.mark.parametrize("stage,ema,workers", [(1, True, 0), (3, True, 0), (3, False, 0), (2, True, 2)])
 def test_resume_single_process(tmp_path, stage, ema, workers):
     """Stop after 3 steps (a finished run with steps=3), continue the same out_dir to 6: identical to 6 in one go
