@@ -30,13 +30,25 @@ python3 -m mmkernels | tee "$OUT/mmkernels.txt"
 # Every op test runs on the GPU here: CUDA backends, compiled Triton, bf16. (The offline Triton compile check is
 # for GPU-less machines; here the kernels compile for real.)
 STEPS=${STEPS:-test,bench}
+# The GPU image has pytest-xdist and pytest-timeout: ~2800 tests whose first calls JIT-compile Triton kernels run in
+# PYTEST_N worker processes (the 16 CPU cores compile in parallel; the tests share the one GPU), and a hung kernel
+# fails its test after PYTEST_TIMEOUT s instead of eating the lease. Both are skipped where the plugins are absent.
+# The run goes on past failures (up to PYTEST_MAXFAIL, listed by -rf): a first run of never-run kernels should
+# report every failing case in one call, not the first.
+PAR=()
+python3 -c "import xdist" 2>/dev/null && PAR+=(-n "${PYTEST_N:-12}")
+python3 -c "import pytest_timeout" 2>/dev/null && PAR+=(--timeout "${PYTEST_TIMEOUT:-240}")
 if [[ ",$STEPS," == *",test,"* ]]; then
-  python3 -m pytest tests/ops tests/test_backend.py tests/test_build.py tests/test_nn.py tests/nn -q -x \
-    -p no:cacheprovider --ignore=tests/ops/test_triton_compile.py ${PYTEST_ARGS:-} \
-    2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+  t0=$(date +%s)
+  python3 -m pytest tests/ops tests/test_backend.py tests/test_build.py tests/test_nn.py tests/nn -q -rf \
+    --maxfail "${PYTEST_MAXFAIL:-40}" -p no:cacheprovider --ignore=tests/ops/test_triton_compile.py "${PAR[@]}" --durations=15 ${PYTEST_ARGS:-} \
+    2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+  echo "test: $(( $(date +%s) - t0 )) s"
 fi
 if [[ ",$STEPS," == *",bench,"* ]]; then
+  t0=$(date +%s)
   python3 -m bench ${BENCH_ARGS:-} --device cuda --out "$OUT/bench.json" --md "$OUT/bench.md" 2>&1 | tail -40
+  echo "bench: $(( $(date +%s) - t0 )) s"
 fi
 if [[ ",$STEPS," == *",tune,"* ]]; then
   python3 -m bench.tune_joint_attention ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" | tail -40
