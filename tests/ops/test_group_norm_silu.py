@@ -493,3 +493,11 @@ def test_cuda_supports_says_why(monkeypatch):
     assert "more than 3 spatial dims" in gn_cuda.supports(x6, 2, None, None, 1e-6, x6, None, True)
     assert "batch of 65536" in gn_cuda.supports(torch.empty((65536, 4, 2), device="meta"), 2, None, None, 1e-6,
                                                 None, None, True)
+    # Broadcast modulation: one scale/shift element per channel read by every position would make the backward's
+    # per-element serial walk as long as the volume; the ST-VAE's latent-resolution maps stay under the bound.
+    big = torch.empty((1, 4, 17, 64, 64), device="meta")
+    per_channel = torch.empty((1, 4, 1, 1, 1), device="meta")
+    assert "69632 positions" in gn_cuda.supports(big, 2, None, None, 1e-6, per_channel, None, True)
+    assert "69632 positions" in gn_cuda.supports(big, 2, None, None, 1e-6, None, per_channel, True)
+    latent = torch.empty((1, 4, 5, 8, 8), device="meta")
+    assert gn_cuda.supports(big, 2, None, None, 1e-6, latent, latent, True) is None

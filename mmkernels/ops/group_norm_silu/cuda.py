@@ -22,12 +22,14 @@ channel stride is 1, C is a multiple of 16 bytes' worth of elements and the base
 last dim for NCDHW x (scalar, coalesced), and any strides otherwise (stride 0 included).
 
 Limits (``supports`` says which one fails): CUDA tensors, fp32/fp16/bf16, at most 3 spatial dims when scale/shift
-are given (as Triton), a batch of at most 65535 (a grid dimension). The backend is experimental until its kernels
+are given (as Triton), a batch of at most 65535 (a grid dimension), at most ``MAX_WALK`` positions of x per
+scale/shift element (the nearest map's factors multiplied). The backend is experimental until its kernels
 have passed their tests on a GPU.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -42,6 +44,11 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_THREADS = 0
 TARGET_PROGRAMS = 0
 MAX_BATCH = 65535
+# The backward's source-space pass gives each scale/shift element one thread that walks, one after another, every
+# position reading it (the product of the nearest-map factors). The ST-VAE's maps are at most 4 x 8 x 8 = 256; a
+# broadcast [B, C, 1, 1, 1] modulation of a 17 x 512 x 512 x would be a 4.4M-step serial walk per thread (seconds).
+# Past this bound the backend declines, and auto takes the Triton kernels, which spread a walk over a tile's lanes.
+MAX_WALK = 4096
 
 
 def supports(x, num_groups, weight, bias, eps, scale, shift, silu) -> _backend.Reason:
@@ -51,6 +58,11 @@ def supports(x, num_groups, weight, bias, eps, scale, shift, silu) -> _backend.R
         why = supports_layout(x, scale, shift)
     if why is None and x.shape[0] > MAX_BATCH:
         why = f"a batch of {x.shape[0]} is above the kernels' limit of {MAX_BATCH}"
+    if why is None and (scale is not None or shift is not None):
+        walk = math.prod(_Mod(x, scale, shift).factors)
+        if walk > MAX_WALK:
+            why = (f"each scale/shift element is read by up to {walk} positions of x, above the {MAX_WALK} that one "
+                   f"thread of the backward walks serially")
     return why
 
 
