@@ -79,11 +79,15 @@ __global__ void __launch_bounds__(kThreads) msda_bwd_kernel(const Params p) {
           Footprint f;
           float a = 0.f;
           bool in = false;
+          float zx = 0.f, zy = 0.f;  // a sample outside the map: 0, or NaN for a non-finite location (sample.cuh)
           if (valid) {
-            in = detail::footprint(to_float(ln[2 * i]), to_float(ln[2 * i + 1]), Hl, Wl, f);
+            const float lx = to_float(ln[2 * i]), ly = to_float(ln[2 * i + 1]);
+            in = detail::footprint(lx, ly, Hl, Wl, f);
             a = to_float(an[i]);
+            if (!in) detail::outside_terms(lx, ly, Hl, Wl, zx, zy);
           }
-          float ga = 0.f, gx = 0.f, gy = 0.f;
+          // Every lane of the group carries the outside terms; group_sum keeps 0 at 0 and NaN at NaN.
+          float ga = zx * zy, gx = zy, gy = zx;
           if (in) {
             for (int ch = 0; ch < p.nch; ++ch) {
               const int cv = ch * G + lane;
@@ -122,7 +126,8 @@ __global__ void __launch_bounds__(kThreads) msda_bwd_kernel(const Params p) {
           gx = detail::group_sum(gx, G);
           gy = detail::group_sum(gy, G);
           if (valid && lane == 0) {
-            // Samples with no corner in the map get exact zeros (in == false left ga, gx, gy at 0).
+            // Samples with no corner in the map get exact zeros (NaN for a non-finite location; times a, also for a
+            // non-finite weight), as the reference.
             const int64_t s = n * LP + i;
             grad_attn[s] = from_float<TC>(ga);
             grad_loc[2 * s] = from_float<TC>(static_cast<float>(Wl) * a * gx);

@@ -58,8 +58,16 @@ __global__ void __launch_bounds__(kThreads) msda_fwd_kernel(const Params p) {
         for (int pt = 0; pt < p.P; ++pt) {
           const int i = l * p.P + pt;
           Footprint f;
-          if (!detail::footprint(to_float(ln[2 * i]), to_float(ln[2 * i + 1]), Hl, Wl, f)) continue;
+          const float lx = to_float(ln[2 * i]), ly = to_float(ln[2 * i + 1]);
           const float a = to_float(an[i]);
+          if (!detail::footprint(lx, ly, Hl, Wl, f)) {
+            float zx, zy;  // 0, or NaN for a non-finite location or weight (sample.cuh)
+            detail::outside_terms(lx, ly, Hl, Wl, zx, zy);
+            const float z = a * (zx * zy);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[e] += z;
+            continue;
+          }
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
             if (!f.ok[k]) continue;

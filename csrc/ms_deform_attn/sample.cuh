@@ -42,6 +42,19 @@ __device__ __forceinline__ float pixel_coord(float loc, int size) {
   return __fadd_rn(__fmul_rn(loc, static_cast<float>(size)), -0.5f);
 }
 
+// What a sample with no corner in the map adds, as the reference computes it (masked corner values of 0 times the
+// bilinear fractions fx = x - floor(x), fy = y - floor(y)): zx = 0 * fx and zy = 0 * fy are exact zeros for a finite
+// location, and NaN for a NaN or infinite one. The kernels add a * zx * zy to the output (NaN also for a NaN or
+// infinite weight) and zx * zy, zy, zx as the sample's grad_attn and location-derivative terms, so that a non-finite
+// input gives NaN where the reference does instead of a zero that hides it. Needs -fno-fast-math semantics (0 * x
+// is not folded to 0), which setup.py's flags keep.
+__device__ __forceinline__ void outside_terms(float loc_x, float loc_y, int Hl, int Wl, float& zx, float& zy) {
+  const float x = pixel_coord(loc_x, Wl);
+  const float y = pixel_coord(loc_y, Hl);
+  zx = 0.f * (x - floorf(x));
+  zy = 0.f * (y - floorf(y));
+}
+
 // False when no corner is inside the map (the sample contributes nothing and has zero gradients). The test is
 // grid_sample's: a corner column x0 or x0 + 1 lies in [0, Wl) exactly when x is in [-1, Wl); NaN fails it. It also
 // keeps the float -> int conversions below in range.

@@ -135,6 +135,51 @@ def test_deterministic_backward(backend, device):
         assert_close(a, b, dtype=torch.float32, what="deterministic vs atomic")
 
 
+def _non_finite_inputs(device):
+    """fp32 inputs with one sample of each kind of non-finite input in its own (query, head): a NaN x, a +inf x, a
+    -inf y, a NaN weight on a location outside the map, and a NaN weight inside it. The rest is finite."""
+    shapes = [(3, 4), (2, 2)]
+    value, ss, lsi, loc, attn = _inputs(1, 7, 2, 5, shapes, 2, torch.float32, "cpu", spread=0.2, seed=4)
+    loc[0, 0, 0, 0, 1, 0] = math.nan
+    loc[0, 1, 1, 1, 0, 0] = math.inf
+    loc[0, 2, 0, 1, 1, 1] = -math.inf
+    loc[0, 3, 1, 0, 0] = torch.tensor([1.6, 0.5])
+    attn[0, 3, 1, 0, 0] = math.nan
+    loc[0, 4, 0, 0, 0] = torch.tensor([0.4, 0.6])
+    attn[0, 4, 0, 0, 0] = math.nan
+    return [t.to(device) for t in (value, ss, lsi, loc, attn)]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_non_finite_inputs_give_nan_where_the_reference_does(backend, device):
+    """A NaN or infinite location, or a NaN weight, makes the output of its (query, head) NaN, and its grad_loc and
+    grad_attn entries NaN exactly where reference.backward's are (an infinite x leaves d/dx finite); every other
+    entry stays finite and correct, and a sample outside every map adds nothing to grad_value (deterministic or
+    not). A kernel that skips out-of-map samples would give 0 instead: silent zeros hiding a NaN."""
+    value, ss, lsi, loc, attn = _non_finite_inputs(device)
+    ref_in = [t.detach().double().cpu() for t in (value, loc, attn)]
+    want = reference.forward(ref_in[0], ss.cpu(), lsi.cpu(), ref_in[1], ref_in[2])
+    g = randn(want.shape, torch.float32, "cpu", generator=torch.Generator().manual_seed(9))
+    want_grads = reference.backward(g.double(), ref_in[0], ss.cpu(), lsi.cpu(), ref_in[1], ref_in[2], False)
+    det_grads = reference.backward(g.double(), ref_in[0], ss.cpu(), lsi.cpu(), ref_in[1], ref_in[2], True)
+    nan_rows = want.view(1, 7, 2, 5).isnan().all(-1)
+    assert nan_rows[0, :5].tolist() == [[True, False], [False, True], [True, False], [False, True], [True, False]]
+    assert not want.view(1, 7, 2, 5)[~nan_rows].isnan().any()
+    # grad_value: NaN only in the 4 corner rows (x 5 channels, head 0) of the NaN weight inside the map.
+    assert want_grads[0].isnan().sum() == 20 and want_grads[0][:, :, 0].isnan().sum() == 20
+    for a, b in zip(want_grads, det_grads):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    for det in (False, True):
+        ins = [t.detach().clone().requires_grad_(True) for t in (value, loc, attn)]
+        with use_backend(backend):
+            out = mmkernels.ms_deform_attn(ins[0], ss, lsi, ins[1], ins[2], deterministic=det)
+            out.backward(g.to(device))
+        torch.testing.assert_close(out.double().cpu(), want, equal_nan=True, rtol=1e-5, atol=1e-5)
+        for name, t, e in zip(("value", "sampling_locations", "attention_weights"), ins, want_grads):
+            torch.testing.assert_close(t.grad.double().cpu(), e, equal_nan=True, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, name=name, det=det: f"grad {name} (deterministic={det}): {m}")
+
+
 def test_value_grad_plan():
     """Every in-range corner of every sample is listed once under its destination row, in ascending sample id."""
     shapes = [(3, 4), (2, 2)]

@@ -174,7 +174,9 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: Levels, level_start_inde
         [B, Q, H*C] in value's dtype (head-major channels), accumulated in fp32:
         ``out[b,q,h*C+c] = sum_{l,p} A[b,q,h,l,p] * bilinear(V_l[b,:,:,h,c], loc_x*W_l - 0.5, loc_y*H_l - 0.5)``,
         equal to grid_sample(bilinear, zeros, align_corners=False) per level. Differentiable in value,
-        sampling_locations and attention_weights.
+        sampling_locations and attention_weights. Non-finite inputs propagate as grid_sample's: a NaN or infinite
+        location, or a NaN weight (even on a location outside the map), makes its (b, q, h) output NaN and its
+        grad_attn / grad_loc entries NaN; a sample with no corner in the map adds nothing to grad_value.
 
     Backend: chosen by ``mmkernels.use_backend`` / ``MMKERNELS_BACKEND`` (see mmkernels._backend).
     """

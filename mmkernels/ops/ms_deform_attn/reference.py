@@ -143,7 +143,10 @@ def backward(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.
     if deterministic:
         dv = value_grad_from_plan(grad_out.to(dt), v, spatial_shapes, level_start_index, loc, attn)
     else:
-        contrib = (g * (w * attn.unsqueeze(-1)).unsqueeze(-1))  # [B, Q, H, L, P, 4, C]
+        # A corner outside the map adds nothing: its weight is masked to 0, but 0 * NaN (a NaN or infinite location
+        # or weight) would scatter NaN into the row-0 placeholder that _corners gives it.
+        coef = torch.where(valid, w * attn.unsqueeze(-1), 0)
+        contrib = g * coef.unsqueeze(-1)  # [B, Q, H, L, P, 4, C]
         contrib = contrib.permute(0, 2, 1, 3, 4, 5, 6).reshape(B, H, Q * L * P * 4, C)
         idx = rows.permute(0, 2, 1, 3, 4, 5).reshape(B, H, Q * L * P * 4, 1).expand(-1, -1, -1, C)
         dv = torch.zeros((B, H, S, C), dtype=dt, device=value.device).scatter_add_(2, idx, contrib)
