@@ -4,7 +4,8 @@
 # Writes build.log, gpu_tests.log, bench.json and bench.md to $OUT (default ./gpu_out).
 # STEPS (default "test,bench") picks what runs after the (incremental) build, so the work can be split over several
 # 10-minute device calls: STEPS=test, then STEPS=bench BENCH_ARGS="--ops joint_attention"; STEPS=tune runs the
-# joint-attention block-size sweep (bench/tune_joint_attention.py). PYTEST_ARGS adds pytest arguments
+# joint-attention block-size sweep (bench/tune_joint_attention.py); STEPS=sanitize runs the CUDA-backend op tests
+# under compute-sanitizer. PYTEST_ARGS adds pytest arguments
 # (e.g. "-k joint_attention").
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -49,6 +50,18 @@ if [[ ",$STEPS," == *",bench,"* ]]; then
   t0=$(date +%s)
   python3 -m bench ${BENCH_ARGS:-} --device cuda --out "$OUT/bench.json" --md "$OUT/bench.md" 2>&1 | tail -40
   echo "bench: $(( $(date +%s) - t0 )) s"
+fi
+# STEPS=sanitize: the CUDA-backend op tests (ids "cuda-cuda...") under compute-sanitizer memcheck (seen working on
+# the Firecracker H200 machines, 2026-11-04): out-of-bounds and misaligned accesses of the hand-written kernels are
+# reported by address even where the output happens to be right. One process (the sanitizer follows children, but
+# xdist workers would multiply its overhead); SANITIZE_K narrows the selection.
+if [[ ",$STEPS," == *",sanitize,"* ]]; then
+  t0=$(date +%s)
+  SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+  "$SAN" --tool memcheck --target-processes all --print-limit 20 --error-exitcode 9 \
+    python3 -m pytest tests/ops -q -rf -x -p no:cacheprovider --ignore=tests/ops/test_triton_compile.py \
+    -k "${SANITIZE_K:-cuda-cuda}" 2>&1 | tee "$OUT/sanitize.log" | tail -40
+  echo "sanitize: $(( $(date +%s) - t0 )) s"
 fi
 if [[ ",$STEPS," == *",tune,"* ]]; then
   python3 -m bench.tune_joint_attention ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" | tail -40
