@@ -58,7 +58,8 @@ Interface
   callable object, as ``LambdaLR`` keeps it by reference). Empty groups are dropped. Without ``param_groups`` the
   groups are the weight-decay split below.
 * ``eval_fn(model, step) -> {name: float}`` (optional): runs on rank 0 at every save point, under ``torch.no_grad``,
-  on the EMA model when EMA is on and on the raw model otherwise (in eval mode). Its results are written as a line
+  on the EMA model when EMA is on and on the raw model otherwise (in eval mode; an fp32 copy of it under bf16 or
+  ZeRO-3). Its results are written as a line
   ``{"step": N, "eval/<name>": value, ...}``. The RNG states are restored after it, so evaluation that draws random
   numbers does not change the training run.
 
@@ -100,8 +101,10 @@ name in ``train/configs/``) is merged over it, its keys winning, also over the s
 config goes into ``out_dir/config.json``). Only the batch keys must agree with ``micro_batch`` and ``grad_accum``,
 because the sampler uses them: a disagreement raises. When the merged config has an ``"optimizer"`` or
 ``"scheduler"`` section, DeepSpeed builds that one instead of ours. ``precision="auto"`` is bf16 on CUDA and fp32 on
-CPU. ``grad_clip=0`` disables clipping; ``grad_norm`` in the metrics is the global gradient norm before clipping:
-the engine's, or, where DeepSpeed computes none (ZeRO-0 in fp32), the trainer's own from ``p.grad`` before the step.
+CPU. Under bf16 the module's floating buffers are cast to bf16 as well (``data_types.buffer_dtype``, which DeepSpeed
+0.19 otherwise leaves at fp32), as ``module.bfloat16()`` would. ``grad_clip=0`` disables clipping; ``grad_norm`` in
+the metrics is the global gradient norm before clipping: the engine's, or, where DeepSpeed computes none (ZeRO-0 in
+fp32), the trainer's own from ``p.grad`` before the step.
 DeepSpeed cannot hold 0-dim parameters (its broadcast, clipping and mixed-precision copies fail on them), so a model
 with one is refused with a ``ValueError`` naming it: make it a buffer if it is not trained, or a 1-element vector.
 
@@ -375,6 +378,14 @@ def build_ds_config(config: TrainConfig, world_size: int, cuda: bool) -> dict:
     stage = merged.get("zero_optimization", {}).get("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise ValueError(f"TrainConfig.ds_config: zero_optimization.stage must be 0..3, got {stage!r}")
+    # DeepSpeed >= 0.19 casts only the parameters to bf16/fp16 and keeps buffers in their dtype unless
+    # data_types.buffer_dtype is set (it used to call module.bfloat16()). The models rely on the old behaviour
+    # (buffers in the module's dtype: BatchNorm running stats next to bf16 weights, Unpair-Seg's pixel_mean/std deciding
+    # the dtype of the backbone input), and fail with dtype mismatches otherwise. A ds_config that sets the key wins.
+    dtype = _compute_dtype(merged)
+    if dtype != torch.float32 and "buffer_dtype" not in (merged.get("data_types") or {}):
+        merged["data_types"] = {**(merged.get("data_types") or {}),
+                                "buffer_dtype": "bf16" if dtype == torch.bfloat16 else "fp16"}
     return merged
 
 
@@ -984,6 +995,11 @@ class Trainer:
                 if self.rank == 0:
                     full.update({n: p.detach().to("cpu", torch.float32, copy=True) for n, p in bucket})
             model = self._model_copy(full) if self.rank == 0 else None
+        elif self.dtype != torch.float32:
+            # Under bf16 the engine's module holds bf16 weights: evaluate an fp32 copy, as with EMA and under ZeRO-3,
+            # so that one eval_fn works in every configuration (fp32 inputs on the raw bf16 module failed with
+            # "mat1 and mat2 must have the same dtype").
+            model = self._model_copy(None) if self.rank == 0 else None
         else:
             model = self.engine.module if self.rank == 0 else None
         if self.rank != 0:

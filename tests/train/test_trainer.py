@@ -226,6 +226,62 @@ def test_resume_single_process(tmp_path, stage, ema, workers):
         _assert_same_weights(second.ema_state_dict(), ref.ema_state_dict())
 
 
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("ema", [False, True])
+def test_bf16_trains_evaluates_and_resumes(tmp_path, stage, ema):
+    """precision="bf16" (what "auto" is on CUDA) on every ZeRO stage: the module runs in bf16, eval_fn (fp32 inputs)
+    gets an fp32 model with or without EMA (it got the raw bf16 module at ZeRO 0-2 without EMA: "mat1 and mat2 must
+    have the same dtype"), and a resumed run equals one run bitwise."""
+    kw = dict(zero_stage=stage, ema_decay=0.9 if ema else None, precision="bf16", schedule="constant", save_every=2)
+    ref = _trainer(tmp_path / "ref", steps=4, **kw)
+    assert ref.engine.module.fc1.weight.dtype == torch.bfloat16
+    ref_records = ref.train()
+    evals = [r for r in ref_records if "loss" not in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(math.isfinite(r["eval/mse"]) for r in evals)
+    _trainer(tmp_path / "cut", steps=2, **kw).train()
+    second = _trainer(tmp_path / "cut", steps=4, **kw)
+    assert [r["step"] for r in second.train() if "loss" in r] == [3, 4]
+    assert _losses(_read_metrics(tmp_path / "cut")) == _losses(ref_records)
+    _assert_same_weights(full_weights(second), full_weights(ref))
+    if ema:
+        _assert_same_weights(second.ema_state_dict(), ref.ema_state_dict())
+
+
+class _BNNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.fc = torch.nn.Linear(6, 8)
+        self.bn = torch.nn.BatchNorm1d(8)
+        self.out = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.bn(self.fc(x))))
+
+
+def _bn_loss(model, batch, step):
+    pred = model(batch["x"].to(model.fc.weight.dtype))
+    return torch.nn.functional.mse_loss(pred.float(), batch["y"]), {}
+
+
+def test_bf16_casts_buffers_with_the_parameters(tmp_path):
+    """DeepSpeed 0.19 casts only parameters to bf16 unless data_types.buffer_dtype is set; a BatchNorm's fp32
+    running stats next to bf16 weights then fail in batch_norm ("expected scalar type BFloat16 but found Float").
+    The trainer sets the key (a ds_config that sets it wins), and the BatchNorm model trains."""
+    cfg = TrainConfig(out_dir=str(tmp_path), steps=1, precision="bf16")
+    assert build_ds_config(cfg, 1, False)["data_types"]["buffer_dtype"] == "bf16"
+    assert "data_types" not in build_ds_config(TrainConfig(out_dir=str(tmp_path), steps=1, precision="fp32"), 1, False)
+    own = TrainConfig(out_dir=str(tmp_path), steps=1, precision="bf16", ds_config={"data_types": {"buffer_dtype": "fp32"}})
+    assert build_ds_config(own, 1, False)["data_types"]["buffer_dtype"] == "fp32"
+    t = Trainer(_BNNet(), _bn_loss, RegressionSet(), _cfg(tmp_path / "bn", steps=2, precision="bf16", zero_stage=0,
+                                                          ema_decay=None))
+    assert t.engine.module.bn.running_mean.dtype == torch.bfloat16
+    before = t.engine.module.bn.running_mean.clone()
+    recs = [r for r in t.train() if "loss" in r]
+    assert len(recs) == 2 and all(math.isfinite(r["loss"]) for r in recs)
+    assert not torch.equal(t.engine.module.bn.running_mean, before)
+
+
 def test_resume_refuses_a_different_batch_layout(tmp_path):
     _trainer(tmp_path / "r", steps=3).train()
     with pytest.raises(ValueError, match="micro_batch"):

@@ -22,7 +22,9 @@ point decided and stated:
   Mask2Former's optimizer), backbone lr x 0.1 (moot: frozen).
 * Schedule: "multistep" x 0.1 at 93.5k and 104.5k of 110k iterations, linear warmup over 10 iterations (detectron2's
   WarmupMultiStepLR warms up from a factor; the trainer's warmup starts at 1/10: the same after 10 of 110k steps).
-* Full-model gradient-norm clipping 1.0; no EMA; the trainer's bf16 on CUDA (the official "AMP on"), fp32 on the CPU.
+* Full-model gradient-norm clipping 1.0; no EMA; bf16 on CUDA as the official "AMP on": bf16 autocast over the fp32
+  weights (DeepSpeed's ``torch_autocast`` on an fp32 trainer, ``common.autocast_precision``: the model is written for
+  autocast, not for the trainer's bf16 module cast), fp32 on the CPU.
 * Batch 56 (``train.global_batch``, split evenly over the processes: 8 GPUs x 7); ZeRO stage 0 (DDP-like) by
   default, 1-2 allowed, 3 refused (nothing to partition at ~22 M trainable parameters).
 * Data (train/data/sa1b.py): SA-1B from ``--data`` / ``data.root`` with LSJ (0.8-1.2), the stage-1 area filter
@@ -34,7 +36,7 @@ Outputs in ``out_dir``: the trainer's ``metrics.jsonl`` (``loss`` plus the last 
 ``loss_dice`` / ``loss_iou`` / ``loss_box_*``, ``aux`` (the weighted aux-head sum), ``pairs`` / ``box_pairs``
 (matched per micro-batch) and ``match_iou`` / ``box_match_iou`` (mean IoU of the matched binarised predictions),
 ``checkpoints/``, ``config.json``; ``final_stage1.pth`` (official layout ``{"model": ...}``, fp32, loadable by
-``load_official`` and the official code; under bf16 the weights are the module's bf16 values) and ``stage1.json``
+``load_official`` and the official code; under bf16 autocast the fp32 weights) and ``stage1.json``
 (the resolved config and the last record).
 
 YAML sections (train/configs/unpair_seg_s1*.yaml)::
@@ -241,7 +243,7 @@ def train(cfg: dict, out_dir: Optional[str] = None, data: Optional[str] = None, 
     info = init_distributed()
     if info.rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-    tc = common.train_config(cfg, out_dir, info.world_size, TRAIN_DEFAULTS)
+    tc = common.autocast_precision(common.train_config(cfg, out_dir, info.world_size, TRAIN_DEFAULTS))
     if tc.zero_stage == 3:
         raise ValueError("train.zero_stage: stage 1 supports ZeRO 0-2 (its ~22 M trainable parameters need no "
                          "parameter partitioning, and the final checkpoint is copied from the unpartitioned module)")
