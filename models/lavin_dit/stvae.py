@@ -249,7 +249,15 @@ def _pool_time(x: torch.Tensor) -> torch.Tensor:
     if T == 1:
         return x
     if T % 2:
-        return torch.cat([x[:, :, :1], F.avg_pool3d(x[:, :, 1:], (2, 1, 1), (2, 1, 1))], dim=2)
+        return torch.cat([x[:, :, :1], _avg_pairs(x[:, :, 1:])], dim=2)
+    return _avg_pairs(x)
+
+
+def _avg_pairs(x: torch.Tensor) -> torch.Tensor:
+    # The CPU has no bf16/fp16 avg_pool3d kernel: there it pools in fp32 and rounds once, which is what the CUDA kernel
+    # computes (an fp32 sum of the pair, halved, rounded to x's dtype).
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        return F.avg_pool3d(x.float(), (2, 1, 1), (2, 1, 1)).to(x.dtype)
     return F.avg_pool3d(x, (2, 1, 1), (2, 1, 1))
 
 
