@@ -69,7 +69,6 @@ YAML sections (see train/configs/cris_*.yaml)::
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import math
@@ -478,8 +477,8 @@ class Validator:
 
 def train(cfg: dict, out_dir: Optional[str] = None) -> dict:
     """Train CRIS per ``cfg`` (resuming from ``out_dir``'s checkpoints); returns {"out_dir", "steps",
-    "steps_per_epoch", "records", "best" (best.json's content or None), "model" (the trained module, fp32, on
-    CPU)}."""
+    "steps_per_epoch", "records", "best" (best.json's content or None), "model" (the trained module, fp32 master
+    weights, on CPU; None on ranks > 0)}."""
     from train.launch import init_distributed
     from train.trainer import Trainer
 
@@ -512,7 +511,8 @@ def train(cfg: dict, out_dir: Optional[str] = None) -> dict:
     if info.rank == 0 and os.path.isfile(os.path.join(out_dir, BEST_JSON)):
         with open(os.path.join(out_dir, BEST_JSON)) as f:
             best = json.load(f)
-    trained = copy.deepcopy(trainer.engine.module).float().cpu().eval()
+    trained = trainer.trained_model()  # a collective (ZeRO); None on ranks > 0
+    trained = trained.cpu() if trained is not None else None
     return {"out_dir": out_dir, "steps": tc.steps, "steps_per_epoch": spe, "records": records, "best": best,
             "model": trained}
 

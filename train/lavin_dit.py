@@ -453,28 +453,6 @@ def dit_stages(cfg: dict, out_dir: str) -> list[DiTStage]:
     return out
 
 
-def _full_state(trainer: Trainer) -> Optional[dict]:
-    """Rank 0: the engine module's full state dict as fp32 CPU tensors, parameters from the optimizer's fp32 master
-    copies where it keeps them (bf16 training); None on other ranks. A collective: every rank calls it."""
-    import deepspeed
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    module, rank = trainer.engine.module, trainer.rank
-    params = dict(module.named_parameters())
-    out = {}
-    for name, t in module.state_dict(keep_vars=True).items():
-        p = params.get(name)
-        full = safe_get_full_fp32_param(p) if p is not None and p.requires_grad else None
-        if full is None and p is not None and trainer.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                full = p.detach().to("cpu", torch.float32, copy=True)
-        if full is None:
-            full = t.detach()
-        if rank == 0:
-            out[name] = full.detach().to("cpu", torch.float32, copy=True)
-    return out if rank == 0 else None
-
-
 def _read_final(stage: DiTStage) -> Optional[dict]:
     """The stage's final.pt when it holds the configured number of steps (the stage is done), else None."""
     if not os.path.isfile(stage.final_path):
@@ -513,7 +491,7 @@ def train_dit(cfg: dict, out_dir: str, vae: STVAE, dataset=None) -> str:
         if prev is not None and prev.get("ema") is not None and tc.ema_decay is not None:
             trainer.load_ema_state_dict(prev["ema"])  # a resumed run then loads its own EMA over this
         trainer.train()
-        full = _full_state(trainer)
+        full = trainer.full_state_dict()
         if trainer.rank == 0:
             _atomic_save({"model": full, "ema": trainer.ema_state_dict(), "steps": tc.steps,
                           "size": list(stage.size or ds.size or ())}, stage.final_path)

@@ -616,9 +616,8 @@ class Trainer:
         self.sampler = StepSampler(len(dataset), config.micro_batch, config.grad_accum, self.world_size, self.rank,
                                    config.seed, group_key)
         # Under ZeRO-3 the engine's parameters become partitions, so rank 0 keeps a CPU copy of the model as the
-        # skeleton that ema_model() and eval fill with full weights.
-        need_copy = self.zero_stage == 3 and (config.ema_decay is not None or eval_fn is not None)
-        self._template = copy.deepcopy(model).cpu() if need_copy and self.rank == 0 else None
+        # skeleton that ema_model(), trained_model() and eval fill with full weights.
+        self._template = copy.deepcopy(model).cpu() if self.zero_stage == 3 and self.rank == 0 else None
 
         if param_groups is None:
             decay = [p for _, p in named if p.ndim >= 2]
@@ -716,6 +715,41 @@ class Trainer:
                 shadows = [self._ema[n] for n, _ in bucket]
                 params = [p.detach() if p.dtype == torch.float32 else p.detach().float() for _, p in bucket]
                 torch._foreach_lerp_(shadows, params, w)
+
+    def full_state_dict(self) -> Optional[dict]:
+        """Rank 0: the module's whole state dict as fp32 CPU tensors (None on the other ranks), parameters from the
+        optimizer's fp32 master copies where DeepSpeed keeps them (bf16/fp16 under ZeRO 1-3; gathered from the
+        partitions under ZeRO-3), else the module's own (ZeRO-0 bf16 keeps no per-parameter master: its bf16
+        values); buffers as they are, floating ones in fp32. A collective under ZeRO: every rank calls it."""
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.engine.module
+        params = dict(module.named_parameters())
+        out = {}
+        for name, t in module.state_dict(keep_vars=True).items():
+            p = params.get(name)
+            full = safe_get_full_fp32_param(p) if p is not None and p.requires_grad else None
+            if full is None and p is not None and self.zero_stage == 3:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    full = p.detach().to("cpu", torch.float32, copy=True)
+            if full is None:
+                full = t.detach()
+            if self.rank == 0:
+                full = full.detach().to("cpu", copy=True)
+                out[name] = full.float() if full.is_floating_point() else full
+        return out if self.rank == 0 else None
+
+    def trained_model(self) -> Optional[torch.nn.Module]:
+        """Rank 0: an fp32 eval-mode copy of the model (on the training device, ``requires_grad=False``) holding
+        :meth:`full_state_dict` (the fp32 master weights under bf16, the gathered ones under ZeRO-3, where a copy of
+        ``engine.module`` would hold bf16-rounded values or empty partitions); None elsewhere. A collective."""
+        full = self.full_state_dict()
+        if self.rank != 0:
+            return None
+        model = self._model_copy(None)
+        model.load_state_dict(full)
+        return model
 
     def _model_copy(self, weights: Optional[dict]) -> torch.nn.Module:
         """Rank 0: an fp32 eval-mode copy of the module with ``weights`` (name -> tensor) over its parameters."""
@@ -989,17 +1023,11 @@ class Trainer:
             return None
         if self.config.ema_decay is not None:
             model = self.ema_model() if self.rank == 0 else None
-        elif self.zero_stage == 3:
-            full = {}
-            for bucket in self._gathered():
-                if self.rank == 0:
-                    full.update({n: p.detach().to("cpu", torch.float32, copy=True) for n, p in bucket})
-            model = self._model_copy(full) if self.rank == 0 else None
-        elif self.dtype != torch.float32:
-            # Under bf16 the engine's module holds bf16 weights: evaluate an fp32 copy, as with EMA and under ZeRO-3,
+        elif self.zero_stage == 3 or self.dtype != torch.float32:
+            # Partitioned (ZeRO-3) or bf16 weights: evaluate an fp32 copy with the full (master) weights, as with EMA,
             # so that one eval_fn works in every configuration (fp32 inputs on the raw bf16 module failed with
             # "mat1 and mat2 must have the same dtype").
-            model = self._model_copy(None) if self.rank == 0 else None
+            model = self.trained_model()
         else:
             model = self.engine.module if self.rank == 0 else None
         if self.rank != 0:

@@ -238,6 +238,15 @@ def test_bf16_trains_evaluates_and_resumes(tmp_path, stage, ema):
     ref_records = ref.train()
     evals = [r for r in ref_records if "loss" not in r]
     assert [r["step"] for r in evals] == [2, 4] and all(math.isfinite(r["eval/mse"]) for r in evals)
+    # trained_model(): the fp32 master weights (not bf16 values) wherever DeepSpeed keeps them, within bf16
+    # rounding of the module's own; ZeRO-3's are gathered from the partitions.
+    trained = dict(ref.trained_model().named_parameters())
+    master = ref.full_state_dict()
+    for n, w in full_weights(ref).items():
+        assert trained[n].dtype == torch.float32 and torch.equal(trained[n], master[n])
+        torch.testing.assert_close(trained[n].bfloat16(), w.bfloat16(), rtol=0, atol=0)
+    off_grid = [n for n, t in trained.items() if not torch.equal(t, t.bfloat16().float())]
+    assert bool(off_grid) == (stage != 0), off_grid  # ZeRO-0 bf16 keeps no per-parameter master copy
     _trainer(tmp_path / "cut", steps=2, **kw).train()
     second = _trainer(tmp_path / "cut", steps=4, **kw)
     assert [r["step"] for r in second.train() if "loss" in r] == [3, 4]

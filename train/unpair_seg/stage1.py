@@ -58,7 +58,6 @@ YAML sections (train/configs/unpair_seg_s1*.yaml)::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -224,10 +223,10 @@ class Stage1Loss:
 
 
 def _final_model(trainer) -> Optional[torch.nn.Module]:
-    """Rank 0: an fp32 CPU eval-mode copy of the trained module; None elsewhere."""
-    if trainer.rank != 0:
-        return None
-    return copy.deepcopy(trainer.engine.module).cpu().float().eval()
+    """Rank 0: an fp32 CPU eval-mode copy of the trained module (its full fp32 weights); None elsewhere. A
+    collective: every rank calls it."""
+    model = trainer.trained_model()
+    return model.cpu() if model is not None else None
 
 
 def train(cfg: dict, out_dir: Optional[str] = None, data: Optional[str] = None, init: Optional[str] = None,

@@ -240,8 +240,7 @@ def collate(items):
 
 def train(cfg: dict, out_dir: Optional[str] = None) -> dict:
     """Train stage 2 per ``cfg`` (resuming from ``out_dir``'s checkpoints); returns {"out_dir", "records",
-    "model" (the trained UnpairSegS2, fp32, CPU, eval mode)}."""
-    import copy
+    "model" (the trained UnpairSegS2, fp32, CPU, eval mode; None on ranks > 0)}."""
 
     from models.unpair_seg.stage2 import save_adapter
     from train.launch import init_distributed
@@ -256,7 +255,8 @@ def train(cfg: dict, out_dir: Optional[str] = None) -> dict:
     model = build_model(cfg, seed=tc.seed)
     trainer = Trainer(model, loss_fn, dataset, tc, collate_fn=collate)
     records = trainer.train()
-    trained = copy.deepcopy(trainer.engine.module).float().cpu().eval()
+    trained = trainer.trained_model()  # a collective (ZeRO); None on ranks > 0
+    trained = trained.cpu() if trained is not None else None
     if info.rank == 0:
         save_adapter(trained, os.path.join(out_dir, ADAPTER_FILE))
         losses = [r["loss"] for r in records if "loss" in r]
