@@ -276,7 +276,7 @@ def test_bf16_vae_and_dit_stages_train(tmp_path):
     from mmkernels import use_backend
 
     v = _vae_section(disc_start=1, stage1_steps=1, video_fraction=1.0,
-                     train={"steps": 2, "micro_batch": 2, "precision": "bf16"})
+                     train={"steps": 2, "micro_batch": 2, "precision": "bf16", "zero_stage": 1})
     cfg = _staged_cfg("unused", precision="bf16", ema_decay=0.9)
     cfg["vae"], cfg["train"]["stages"] = v, [{"size": [16, 16], "steps": 2}]
     ds = _small_dataset()
@@ -285,6 +285,10 @@ def test_bf16_vae_and_dit_stages_train(tmp_path):
         recs = [json.loads(x) for x in (tmp_path / "vae" / "metrics.jsonl").read_text().splitlines()]
         assert [r["frames"] for r in recs] == [1, 5] and "loss_d" in recs[1]
         assert all(math.isfinite(r["loss"]) for r in recs)
+        # stvae.pt and the returned VAE hold the fp32 master weights (ZeRO-1 keeps them), not bf16-rounded values.
+        saved = torch.load(tmp_path / "vae" / lavin_dit.STVAE_FILE, weights_only=True)["state_dict"]
+        assert any(not torch.equal(t, t.bfloat16().float()) for t in saved.values() if t.is_floating_point())
+        assert any(not torch.equal(p, p.bfloat16().float()) for p in vae.parameters())
         path = lavin_dit.train_dit(cfg, str(tmp_path), vae.float(), ds)
     fin = torch.load(path, weights_only=True)
     assert all(t.dtype == torch.float32 for part in ("model", "ema") for t in fin[part].values()
