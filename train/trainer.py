@@ -9,6 +9,7 @@ Interface
                       param_groups=None)
     records = trainer.train()        # resumes from cfg.out_dir when it holds a checkpoint
     ema = trainer.ema_model()        # rank 0: an fp32 copy of the model with the EMA weights
+    model = trainer.trained_model()  # every rank calls it; rank 0: an fp32 copy with the fp32 master weights
 
 ``TrainConfig`` fields (each validated; a bad value raises ``ValueError`` naming the field)::
 
