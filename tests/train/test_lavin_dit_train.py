@@ -201,7 +201,18 @@ def test_vae_schedule_draws_video_batches_in_the_configured_fraction():
     assert not torch.equal(data.pairs([5], "image"), data.pairs([6], "image"))
 
 
-def test_vae_stage_trains_with_the_gan_and_schedule(tmp_path):
+@pytest.fixture
+def _one_thread():
+    """One intra-op thread: 32 GAN steps diverge chaotically with the reduction order, so the run (and its measured
+    ratios) is deterministic only at a fixed thread count. Standalone with 2 threads the video ratio was 0.93, over
+    its bar; the suite passed only because tests/bench (bench on the CPU sets 1 thread) had run first."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_vae_stage_trains_with_the_gan_and_schedule(tmp_path, _one_thread):
     """The trainer path of the VAE stage (ZeRO-2, one process): the discriminator from step 2, video batches in stage
     2, the reconstruction error falls, and the official-layout stvae.pt holds the returned VAE."""
     steps, s1 = 32, 16
