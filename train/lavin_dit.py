@@ -360,16 +360,13 @@ def _train_config(section: dict, out_dir: str) -> TrainConfig:
 def _final_weights(trainer: Trainer):
     """The trained model, fp32, on every rank: the EMA weights when EMA is on, else the fp32 master weights
     (``Trainer.trained_model``: a copy of ``engine.module`` would hold bf16-rounded values under bf16). Both are
-    built on rank 0 and broadcast into a copy of the module on every rank."""
-    model = copy.deepcopy(trainer.engine.module).float()
+    built on rank 0 (fp32, eval mode, ``requires_grad=False``) and broadcast into a copy of the module elsewhere."""
     if trainer.config.ema_decay is None:
-        src = trainer.trained_model()  # a collective: every rank calls it; None on ranks > 0
+        model = trainer.trained_model()  # a collective: every rank calls it; None on ranks > 0
     else:
-        src = trainer.ema_model() if trainer.rank == 0 else None
-    if trainer.rank == 0:
-        model.load_state_dict(src.state_dict())
-    if trainer.config.ema_decay is not None:
-        model.eval().requires_grad_(False)  # as ema_model() returns it
+        model = trainer.ema_model() if trainer.rank == 0 else None
+    if model is None:
+        model = copy.deepcopy(trainer.engine.module).float().eval().requires_grad_(False)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for t in list(model.parameters()) + list(model.buffers()):
             dist.broadcast(t.data, src=0)

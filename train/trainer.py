@@ -27,6 +27,7 @@ Interface
     ema_decay: float | None = 0.9999  # None: no EMA
     zero_stage: int = 2               # 0..3
     precision: str = "auto"           # auto: bf16 on CUDA, fp32 on CPU; or "bf16" / "fp32"
+    autocast: bool = False            # bf16 as torch autocast over fp32 weights instead of bf16 weights
     seed: int = 0                     # data order and the per-rank RNG seeds of a fresh run
     log_every: int = 10               # metrics.jsonl record interval (and the last step)
     save_every: int = 100             # checkpoint interval, plus a final save
@@ -102,10 +103,13 @@ name in ``train/configs/``) is merged over it, its keys winning, also over the s
 config goes into ``out_dir/config.json``). Only the batch keys must agree with ``micro_batch`` and ``grad_accum``,
 because the sampler uses them: a disagreement raises. When the merged config has an ``"optimizer"`` or
 ``"scheduler"`` section, DeepSpeed builds that one instead of ours. ``precision="auto"`` is bf16 on CUDA and fp32 on
-CPU. Under bf16 the module's floating buffers are cast to bf16 as well (``data_types.buffer_dtype``, which DeepSpeed
-0.19 otherwise leaves at fp32), as ``module.bfloat16()`` would. ``grad_clip=0`` disables clipping; ``grad_norm`` in
-the metrics is the global gradient norm before clipping: the engine's, or, where DeepSpeed computes none (ZeRO-0 in
-fp32), the trainer's own from ``p.grad`` before the step.
+CPU. ``autocast=True`` makes bf16 DeepSpeed's ``torch_autocast`` in bf16 over fp32 weights (mixed precision as
+``torch.autocast``, for models written for it, e.g. with an fp32 part that disables autocast; an outer
+``torch.autocast`` in the loss does not work, DeepSpeed's forward switches it off) instead of bf16 weights with fp32
+master copies. Under bf16 weights the module's floating buffers are cast to bf16 as well
+(``data_types.buffer_dtype``, which DeepSpeed 0.19 otherwise leaves at fp32), as ``module.bfloat16()`` would.
+``grad_clip=0`` disables clipping; ``grad_norm`` in the metrics is the global gradient norm before clipping: the
+engine's, or, where DeepSpeed computes none (ZeRO-0 in fp32), the trainer's own from ``p.grad`` before the step.
 DeepSpeed cannot hold 0-dim parameters (its broadcast, clipping and mixed-precision copies fail on them), so a model
 with one is refused with a ``ValueError`` naming it: make it a buffer if it is not trained, or a 1-element vector.
 
@@ -236,6 +240,7 @@ class TrainConfig:
     ema_decay: Optional[float] = 0.9999
     zero_stage: int = 2
     precision: str = "auto"
+    autocast: bool = False
     seed: int = 0
     log_every: int = 10
     save_every: int = 100
@@ -288,6 +293,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.ds_config must be None, a dict, or a path/name of a DeepSpeed JSON, "
                              f"got {type(self.ds_config).__name__}")
         _int_field("num_workers", self.num_workers, 0)
+        if not isinstance(self.autocast, bool):
+            raise ValueError(f"TrainConfig.autocast must be a bool, got {self.autocast!r}")
         if not isinstance(self.progress, bool):
             raise ValueError(f"TrainConfig.progress must be a bool, got {self.progress!r}")
         if self.optimizer not in ("adamw", "adam"):
@@ -360,7 +367,9 @@ def build_ds_config(config: TrainConfig, world_size: int, cuda: bool) -> dict:
         "wall_clock_breakdown": False,
     }
     precision = config.precision if config.precision != "auto" else ("bf16" if cuda else "fp32")
-    if precision == "bf16":
+    if precision == "bf16" and config.autocast:
+        gen["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    elif precision == "bf16":
         gen["bf16"] = {"enabled": True}
     src = config.ds_config
     if src is None:

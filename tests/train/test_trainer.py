@@ -280,8 +280,11 @@ def test_bf16_casts_buffers_with_the_parameters(tmp_path):
     cfg = TrainConfig(out_dir=str(tmp_path), steps=1, precision="bf16")
     assert build_ds_config(cfg, 1, False)["data_types"]["buffer_dtype"] == "bf16"
     assert "data_types" not in build_ds_config(TrainConfig(out_dir=str(tmp_path), steps=1, precision="fp32"), 1, False)
-    own = TrainConfig(out_dir=str(tmp_path), steps=1, precision="bf16", ds_config={"data_types": {"buffer_dtype": "fp32"}})
+    own = TrainConfig(out_dir=str(tmp_path), steps=1, precision="bf16",
+                      ds_config={"data_types": {"buffer_dtype": "fp32"}})
     assert build_ds_config(own, 1, False)["data_types"]["buffer_dtype"] == "fp32"
+    amp = build_ds_config(TrainConfig(out_dir=str(tmp_path), steps=1, precision="bf16", autocast=True), 1, False)
+    assert "data_types" not in amp and "bf16" not in amp and amp["torch_autocast"]["dtype"] == "bfloat16"
     t = Trainer(_BNNet(), _bn_loss, RegressionSet(), _cfg(tmp_path / "bn", steps=2, precision="bf16", zero_stage=0,
                                                           ema_decay=None))
     assert t.engine.module.bn.running_mean.dtype == torch.bfloat16
@@ -434,7 +437,7 @@ def test_lr_factor():
     ("betas", (0.9,)), ("betas", (0.9, 1.0)), ("weight_decay", -0.1), ("warmup_steps", -1), ("schedule", "linear"),
     ("min_lr_ratio", 1.5), ("grad_clip", -1.0), ("ema_decay", 1.0), ("zero_stage", 4), ("zero_stage", True),
     ("precision", "fp16"), ("seed", -1), ("log_every", 0), ("save_every", 0), ("keep_last", 0),
-    ("ds_config", "no_such_config"), ("ds_config", 3), ("num_workers", -1), ("progress", "yes"),
+    ("ds_config", "no_such_config"), ("ds_config", 3), ("num_workers", -1), ("progress", "yes"), ("autocast", 1),
 ])
 def test_bad_config_values_raise(tmp_path, field, value):
     with pytest.raises(ValueError, match=field.split("[")[0]):

@@ -178,21 +178,24 @@ def test_two_process_smoke_kill_and_resume(tmp_path):
 
 
 def test_bf16_is_autocast_over_fp32_weights(tmp_path):
-    """precision bf16 ("auto" on CUDA) becomes DeepSpeed's bf16 torch_autocast on an fp32 trainer: the model is
-    written for autocast (its fp32 pixel decoder under the trainer's bf16 module cast failed at step 1 with "Input type
-    (float) and bias type (c10::BFloat16) should be the same"). fp32 stays as it is; a ds_config's own autocast keys
-    win. Then 2 steps train in bf16 autocast with the weights, the final checkpoint included, in fp32."""
-    from mmkernels import use_backend
-    from train.trainer import TrainConfig
+    """precision bf16 ("auto" on CUDA) is DeepSpeed's bf16 torch_autocast over fp32 weights (autocast: true): the
+    model is written for autocast (its fp32 pixel decoder under the trainer's bf16 module cast failed at step 1 with
+    "Input type (float) and bias type (c10::BFloat16) should be the same"). fp32 stays as it is; a ds_config's own
+    autocast keys win. Then 2 steps train in bf16 autocast with the weights, the final checkpoint included, in fp32."""
+    import dataclasses
 
-    tc = common.autocast_precision(TrainConfig(out_dir=str(tmp_path), steps=1, precision="bf16", zero_stage=0))
-    assert tc.precision == "fp32" and tc.ds_config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
-    assert tc.ds_config["zero_optimization"]["stage"] == 0  # train/configs/zero0.json's keys are kept
-    own = TrainConfig(out_dir=str(tmp_path), steps=1, precision="bf16",
-                      ds_config={"torch_autocast": {"enabled": True, "dtype": "float16"}})
-    assert common.autocast_precision(own).ds_config["torch_autocast"]["dtype"] == "float16"
-    fp32 = TrainConfig(out_dir=str(tmp_path), steps=1, precision="fp32")
-    assert common.autocast_precision(fp32) is fp32
+    from mmkernels import use_backend
+    from train.trainer import build_ds_config
+
+    tc = common.train_config(_small_cfg(train__precision="bf16"), str(tmp_path), 1, stage1.TRAIN_DEFAULTS)
+    assert tc.autocast and tc.precision == "bf16"
+    ds = build_ds_config(tc, 1, False)
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in ds
+    assert ds["zero_optimization"]["stage"] == 0  # train/configs/zero0.json's keys are kept
+    own = dataclasses.replace(tc, ds_config={"torch_autocast": {"enabled": True, "dtype": "float16"}})
+    assert build_ds_config(own, 1, False)["torch_autocast"]["dtype"] == "float16"
+    fp32 = dataclasses.replace(tc, precision="fp32")
+    assert "torch_autocast" not in build_ds_config(fp32, 1, False) and "bf16" not in build_ds_config(fp32, 1, False)
 
     cfg = _small_cfg(train__precision="bf16", train__steps=2)
     with use_backend("torch"):  # the Triton CPU interpreter has no bf16
@@ -200,7 +203,7 @@ def test_bf16_is_autocast_over_fp32_weights(tmp_path):
     recs = [r for r in out["records"] if "loss" in r]
     assert [r["step"] for r in recs] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in recs)
     resolved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert resolved["train"]["precision"] == "fp32"
+    assert resolved["train"]["precision"] == "bf16" and resolved["train"]["autocast"] is True
     assert resolved["deepspeed"]["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     state = torch.load(tmp_path / "run" / stage1.FINAL, weights_only=True)["model"]
     assert all(v.dtype == torch.float32 for v in state.values() if v.is_floating_point())

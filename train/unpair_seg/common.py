@@ -12,7 +12,6 @@ the tiny preset's canvas); lists become tuples. Section ``train``: ``global_batc
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Iterable, Optional
 
 import torch
@@ -73,36 +72,6 @@ def train_config(cfg: dict, out_dir: str, world_size: int, defaults: Optional[di
         raise ValueError(f"train: unknown key(s) {unknown}; known: global_batch, {sorted(fields - {'out_dir'})}")
     t["out_dir"] = out_dir
     return TrainConfig(**t)
-
-
-def autocast_precision(tc):
-    """``tc`` for Unpair-Seg's bf16: torch autocast over fp32 weights (the official AMP) instead of the trainer's bf16.
-
-    The trainer's bf16 casts the module to bf16, but the model is written for autocast: the pixel decoder runs in fp32
-    with autocast disabled (``pixel_decoder_dtype="fp32"``, official), so its fp32 activations would meet bf16 conv
-    weights and the first step fails ("Input type (float) and bias type (c10::BFloat16) should be the same"). An outer
-    ``torch.autocast`` in the loss function does not help: DeepSpeed's engine forward switches it off unless its own
-    ``torch_autocast`` section is on. So ``precision`` bf16 (auto: on CUDA) becomes an fp32 trainer whose DeepSpeed
-    config (``ds_config``, or the stage's ``train/configs/zero{N}.json``) enables ``torch_autocast`` in bf16; fp32
-    stays as it is."""
-    import json
-
-    from train.trainer import CONFIG_DIR, resolve_ds_config_path
-
-    cuda = torch.cuda.is_available()
-    precision = tc.precision if tc.precision != "auto" else ("bf16" if cuda else "fp32")
-    if precision != "bf16":
-        return tc
-    src = tc.ds_config
-    if src is None:
-        default = f"zero{tc.zero_stage}.json"
-        src = default if os.path.isfile(os.path.join(CONFIG_DIR, default)) else {}
-    if isinstance(src, str):
-        with open(resolve_ds_config_path(src)) as f:
-            src = json.load(f)
-    ds = dict(src)
-    ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", **dict(ds.get("torch_autocast") or {})}
-    return dataclasses.replace(tc, precision="fp32", ds_config=ds)
 
 
 def shapes_world(section: Optional[dict], defaults: Optional[dict] = None):

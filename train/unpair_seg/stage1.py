@@ -23,8 +23,8 @@ point decided and stated:
 * Schedule: "multistep" x 0.1 at 93.5k and 104.5k of 110k iterations, linear warmup over 10 iterations (detectron2's
   WarmupMultiStepLR warms up from a factor; the trainer's warmup starts at 1/10: the same after 10 of 110k steps).
 * Full-model gradient-norm clipping 1.0; no EMA; bf16 on CUDA as the official "AMP on": bf16 autocast over the fp32
-  weights (DeepSpeed's ``torch_autocast`` on an fp32 trainer, ``common.autocast_precision``: the model is written for
-  autocast, not for the trainer's bf16 module cast), fp32 on the CPU.
+  weights (the trainer's ``autocast: true``: the model is written for autocast, its pixel decoder runs in fp32 with
+  autocast off, so the trainer's bf16 module cast fails at step 1), fp32 on the CPU.
 * Batch 56 (``train.global_batch``, split evenly over the processes: 8 GPUs x 7); ZeRO stage 0 (DDP-like) by
   default, 1-2 allowed, 3 refused (nothing to partition at ~22 M trainable parameters).
 * Data (train/data/sa1b.py): SA-1B from ``--data`` / ``data.root`` with LSJ (0.8-1.2), the stage-1 area filter
@@ -73,7 +73,7 @@ SECTIONS = ("out_dir", "model", "weights", "data", "criterion", "optim", "train"
 TRAIN_DEFAULTS = {"global_batch": 56, "steps": 110_000, "lr": 1e-4, "betas": [0.9, 0.999], "weight_decay": 0.05,
                   "schedule": "multistep", "milestones": [93_500, 104_500], "gamma": 0.1, "warmup_steps": 10,
                   "grad_clip": 1.0, "ema_decay": None, "zero_stage": 0, "precision": "auto", "save_every": 5000,
-                  "log_every": 20}
+                  "log_every": 20, "autocast": True}
 DATA_DEFAULTS = {"root": None, "min_scale": 0.8, "max_scale": 1.2, "flip_prob": 0.5, "min_area_ratio": 1e-4,
                  "max_area_ratio": 0.8, "max_instances": 40, "points_per_side": [10, 10], "seed": 0}
 SHAPES_DEFAULTS = {"seed": 0, "size": [96, 128], "scenes": 512, "offset": 0, "min_objects": 2, "max_objects": 6}
@@ -242,7 +242,7 @@ def train(cfg: dict, out_dir: Optional[str] = None, data: Optional[str] = None, 
     info = init_distributed()
     if info.rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-    tc = common.autocast_precision(common.train_config(cfg, out_dir, info.world_size, TRAIN_DEFAULTS))
+    tc = common.train_config(cfg, out_dir, info.world_size, TRAIN_DEFAULTS)
     if tc.zero_stage == 3:
         raise ValueError("train.zero_stage: stage 1 supports ZeRO 0-2 (its ~22 M trainable parameters need no "
                          "parameter partitioning, and the final checkpoint is copied from the unpartitioned module)")

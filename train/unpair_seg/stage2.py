@@ -9,9 +9,8 @@ not given and is documented here):
 * AdamW (betas 0.9 / 0.999, weight decay 0.05 on tensors of >= 2 dims: stage 1's decay, thesis §3.4), constant lr
   2e-5, no warmup, gradient clipping 1.0, no EMA. ``train.global_batch`` 32 is split evenly over the processes
   (``micro_batch = global_batch / (world_size * grad_accum)``).
-* Precision: bf16 on CUDA as bf16 autocast over fp32 weights, as the official demo runs stage 1 (DeepSpeed's
-  ``torch_autocast`` on an fp32 trainer, ``common.autocast_precision``: the trainer's own bf16 casts the module, which
-  the fp32 pixel decoder cannot run), fp32 on the CPU.
+* Precision: bf16 on CUDA as bf16 autocast over fp32 weights, as the official demo runs stage 1 (the trainer's
+  ``autocast: true``: its bf16 module cast would meet the fp32 pixel decoder), fp32 on the CPU.
 * Data: a caption manifest (``--data`` / ``data.manifest``: plain or ShareGPT4V-style JSONL,
   train/data/captions.py) whose entities come from the manifest's ``"entities"`` or from ``data.extractor``
   (``noun_phrase`` by default, models/unpair_seg/entities.py); without a manifest, ShapesWorld scenes
@@ -61,7 +60,7 @@ from train.unpair_seg.common import frozen_scalars_to_buffers  # noqa: F401 (par
 SECTIONS = ("out_dir", "model", "stage2", "weights", "data", "train")
 TRAIN_DEFAULTS = {"global_batch": 32, "steps": 30000, "lr": 2e-5, "betas": [0.9, 0.999], "weight_decay": 0.05,
                   "schedule": "constant", "warmup_steps": 0, "grad_clip": 1.0, "ema_decay": None, "zero_stage": 0,
-                  "save_every": 1000, "log_every": 20}
+                  "save_every": 1000, "log_every": 20, "autocast": True}
 SHAPES_DEFAULTS = {"seed": 0, "size": [64, 64], "scenes": 2000, "offset": 0, "min_objects": 1, "max_objects": 4,
                    "categories": None, "colours": None, "sizes": None, "supersample": None, "min_visible": None,
                    "style": "plain"}
@@ -250,7 +249,7 @@ def train(cfg: dict, out_dir: Optional[str] = None) -> dict:
     info = init_distributed()
     if info.rank == 0:
         os.makedirs(out_dir, exist_ok=True)
-    tc = common.autocast_precision(train_config(cfg, out_dir, info.world_size))
+    tc = train_config(cfg, out_dir, info.world_size)
     dataset = build_dataset(cfg, out_dir, info.rank, info.world_size)
     model = build_model(cfg, seed=tc.seed)
     trainer = Trainer(model, loss_fn, dataset, tc, collate_fn=collate)

@@ -144,7 +144,7 @@ def backward(grad_out: torch.Tensor, value: torch.Tensor, spatial_shapes: torch.
         dv = value_grad_from_plan(grad_out.to(dt), v, spatial_shapes, level_start_index, loc, attn)
     else:
         # A corner outside the map adds nothing: its weight is masked to 0, but 0 * NaN (a NaN or infinite location
-        # or weight) would scatter NaN into the row-0 placeholder that _corners gives it.
+        # or weight) would scatter NaN into value row 0, the row _corners indexes for outside corners.
         coef = torch.where(valid, w * attn.unsqueeze(-1), 0)
         contrib = g * coef.unsqueeze(-1)  # [B, Q, H, L, P, 4, C]
         contrib = contrib.permute(0, 2, 1, 3, 4, 5, 6).reshape(B, H, Q * L * P * 4, C)
